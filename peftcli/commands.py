@@ -1,0 +1,242 @@
+"""The workflows behind the CLI, top to bottom: train, evaluate, merge_export, validate, methods_table."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import runs
+from .data import load_splits
+from .errors import UserError
+from .methods import METHODS, get_method
+from .metrics import DEFAULT_METRICS, check_metrics, lm_metrics, make_compute_metrics
+from .recipe import Recipe, load_recipe
+from .tasks import Prepared, make_collator, prepare
+
+logger = logging.getLogger("peftcli")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything validated before a single weight is loaded."""
+
+    recipe: Recipe
+    tokenizer: object
+    data: Prepared
+    num_labels: int | None
+    metrics: list[str]
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Read and tokenise the data, infer labels, and check the method against the model's architecture
+    (built on the meta device, so no weights are read)."""
+    from .models import build_skeleton, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    train_rows, eval_rows = load_splits(recipe.data, recipe.train.get("seed", 42))
+    data = prepare(recipe.model.task, tokenizer, recipe.data, recipe.model, train_rows, eval_rows)
+    for reason, count in data.dropped.items():
+        logger.warning("dropped %d rows: %s", count, reason)
+    num_labels = len(data.labels) if data.labels else (1 if recipe.model.num_labels == 1 else None)
+    regression = num_labels == 1
+    default_key = "regression" if regression else recipe.model.task
+    metrics = recipe.eval.metrics or DEFAULT_METRICS[default_key]
+    check_metrics(metrics, recipe.model.task, regression)
+    skeleton = build_skeleton(recipe.model, num_labels, data.labels)
+    runs.prepare_model(skeleton, recipe)
+    return Plan(recipe, tokenizer, data, num_labels, metrics)
+
+
+def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    out = recipe.output_dir.expanduser()
+    resolved = out.resolve()
+    if resolved in (Path("/").resolve(), Path.home().resolve()):
+        raise UserError(f"train.output_dir: {out} is / or your home directory; choose a run folder such as runs/x")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir: {out} is a file; choose a directory")
+    for source in filter(None, [recipe.model.name_or_path, recipe.data.train, recipe.data.eval]):
+        src = Path(source).expanduser()
+        if src.exists():
+            src_dir = (src if src.is_dir() else src.parent).resolve()
+            if resolved == src_dir or src_dir in resolved.parents:
+                raise UserError(f"train.output_dir: {out} is inside the input folder {src_dir}; write runs elsewhere")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        kind = "a previous run" if runs.is_run_dir(out) else "files that are not a peftcli run"
+        raise UserError(f"train.output_dir: {out} already holds {kind}; pass --resume to continue it, "
+                        f"--overwrite to replace it, or --output-dir to write elsewhere")
+    return out
+
+
+def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume: bool = False,
+          overwrite: bool = False) -> Path:
+    recipe = load_recipe(recipe_path, overrides, output_dir)
+    absolutize_paths(recipe.raw)
+    out = check_output_dir(recipe, resume, overwrite)
+    the_plan = plan(recipe)
+    from transformers import set_seed
+
+    set_seed(recipe.train.get("seed", 42))
+    from .models import load_model
+
+    model = runs.prepare_model(load_model(recipe.model, the_plan.num_labels, the_plan.data.labels), recipe)
+    if overwrite and out.exists() and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_recipe(recipe, out)
+    record = runs.method_record(recipe, model, the_plan.data.labels)
+    trainer = build_trainer(the_plan, model, out, record)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume and has_checkpoint(out) or None)
+    seconds = time.time() - started
+    runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record)
+    metrics = final_metrics(trainer, the_plan) if the_plan.data.eval else {}
+    finish_run(trainer, recipe, record, metrics, seconds, out)
+    return out
+
+
+def build_trainer(the_plan: Plan, model, out: Path, record: dict, **extra_args):
+    from transformers import TrainingArguments
+
+    from .trainer import JsonlLogCallback, PeftTrainer
+
+    recipe = the_plan.recipe
+    kwargs = {"report_to": "none", "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no",
+              "per_device_eval_batch_size": recipe.eval.batch_size, "remove_unused_columns": False,
+              "label_names": ["labels"], "dataloader_num_workers": 0, **recipe.train, **extra_args}
+    kwargs["output_dir"] = str(out)
+    args = TrainingArguments(**kwargs)
+    method = get_method(recipe.method_name)
+    callbacks = [JsonlLogCallback(str(out / "log.jsonl"))]
+    if method.callbacks:
+        callbacks += method.callbacks(recipe.method, model)
+    return PeftTrainer(
+        model=model, args=args, train_dataset=the_plan.data.train, eval_dataset=the_plan.data.eval,
+        data_collator=make_collator(recipe.model.task, the_plan.tokenizer), processing_class=the_plan.tokenizer,
+        compute_metrics=make_compute_metrics(recipe.model.task, the_plan.metrics, the_plan.num_labels),
+        callbacks=callbacks, optim_rules=recipe.optim,
+        save_trained=lambda m, d: runs.save_trained(m, d, record))
+
+
+def has_checkpoint(out: Path) -> bool:
+    return any(p.name.startswith("checkpoint-") for p in out.iterdir())
+
+
+def final_metrics(trainer, the_plan: Plan) -> dict:
+    raw = trainer.evaluate()
+    if the_plan.recipe.model.task == "causal-lm":
+        return lm_metrics(raw["eval_loss"])
+    return {k[len("eval_"):]: v for k, v in raw.items() if k[len("eval_"):] in the_plan.metrics}
+
+
+def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: float, out: Path) -> None:
+    from .report import model_card, plot_loss
+
+    if not trainer.is_world_process_zero():
+        return
+    runs.atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+    runs.atomic_write(out / "trainer_state.json", json.dumps(dataclasses.asdict(trainer.state), indent=2,
+                                                             default=str))
+    plot_loss(trainer.state.log_history, out / "loss.png")
+    runs.atomic_write(out / "README.md", model_card(recipe.raw, record, metrics, seconds))
+
+
+def evaluate(run_dir: str, data: str | None = None, split: str = "eval") -> dict:
+    recipe, record, model, tokenizer = runs.load_trained(run_dir)
+    section = recipe.data
+    if data:
+        section = dataclasses.replace(section, eval=data, eval_fraction=None)
+    elif split == "train":
+        section = dataclasses.replace(section, eval=section.train, eval_fraction=None)
+    from .data import load_rows
+
+    if section.eval:
+        eval_rows = load_rows(section.eval, section, "eval")
+    elif section.eval_fraction:
+        eval_rows = load_splits(section, recipe.train.get("seed", 42))[1]
+    else:
+        raise UserError(f"{run_dir}: the recipe has no eval data; pass --data PATH")
+    prepared = prepare(recipe.model.task, tokenizer, section, recipe.model, eval_rows, None,
+                       labels=record.get("labels"))  # the eval rows, encoded with the run's label order
+    num_labels = record.get("num_labels")
+    metrics = recipe.eval.metrics or DEFAULT_METRICS["regression" if num_labels == 1 else recipe.model.task]
+    the_plan = Plan(recipe, tokenizer, Prepared(prepared.train[:1], prepared.train, prepared.labels, {}),
+                    num_labels, metrics)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(the_plan, model, Path(scratch), record)
+        return final_metrics(trainer, the_plan)
+
+
+def merge_export(run_dir: str, out: str, dtype: str = "float32", overwrite: bool = False) -> Path:
+    recipe, record = runs.read_run(run_dir)
+    method = get_method(record["method"])
+    if not method.mergeable:
+        raise UserError(f"method '{method.name}' cannot be merged into the base weights: {method.merge_hint} "
+                        f"(use the run directory itself with `peft eval {run_dir}`)")
+    target = Path(out).expanduser()
+    if target.resolve() == Path(run_dir).resolve():
+        raise UserError(f"--out {out} is the run directory itself; choose a new folder, e.g. {run_dir}/merged")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
+    _, _, model, tokenizer = runs.load_trained(run_dir)
+    model = method.merge(model, recipe.method)
+    check_finite(model)
+    model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def check_finite(model) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"merged weight {name} contains NaN/inf; the run diverged, nothing was written")
+
+
+def validate(recipe_path: str, overrides=()) -> Plan:
+    return plan(load_recipe(recipe_path, overrides))
+
+
+def methods_table() -> list[dict]:
+    rows = []
+    for method in METHODS.values():
+        options = {f.name: {"default": _default(f), "doc": f.metadata.get("doc", "")}
+                   for f in dataclasses.fields(method.config_cls)}
+        rows.append({"name": method.name, "summary": method.summary, "tasks": sorted(method.tasks),
+                     "mergeable": method.mergeable, "paper": method.paper, "options": options})
+    return rows
+
+
+def _default(field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def absolutize_paths(raw: dict) -> None:
+    """Make local model/data paths absolute in the saved recipe, so a run directory works from anywhere."""
+    model = raw.get("model", {})
+    path = model.get("name_or_path", "")
+    if path and not path.startswith("pkg:") and Path(path).expanduser().exists():
+        model["name_or_path"] = str(Path(path).expanduser().resolve())
+    data = raw.get("data", {})
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if value and not value.startswith("hub:") and not any(c in value for c in "*?[") and Path(value).exists():
+            data[key] = str(Path(value).resolve())

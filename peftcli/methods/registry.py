@@ -1,0 +1,107 @@
+"""The Method record, its contract, and the helpers every method shares (freezing, module swapping, targets)."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+ALL_TASKS = frozenset({"sequence-classification", "causal-lm", "token-classification", "seq2seq",
+                       "image-classification"})
+# Task heads are always trained and saved with any method: they are new (randomly initialised) for the task.
+HEAD_NAMES = ("classifier", "score")
+# Output projections that `all-linear` leaves alone: tying them to the vocabulary makes them heads, not layers.
+OUTPUT_LAYER_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler.dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A PEFT method. Contract, checked for every registered method by tests/test_lifecycle.py:
+    1. after inject(), exactly the method's own parameters (plus the task head) have requires_grad=True;
+    2. inject(fresh base, cfg) + the saved trainable tensors (+ extra_state) reproduces the trained model exactly;
+    3. merge, when not None, returns a plain HF model (same state_dict keys as the base) with the same outputs;
+    4. the config's defaults work on the tiny test models of every task the method declares."""
+
+    name: str
+    summary: str
+    config_cls: type
+    inject: Callable[[nn.Module, object], nn.Module]
+    merge: Callable[[nn.Module, object], nn.Module] | None = None
+    merge_hint: str = ""  # for unmergeable methods: what to use instead
+    tasks: frozenset = ALL_TASKS
+    callbacks: Callable[[object, nn.Module], list] | None = None  # (cfg, model) -> [TrainerCallback]
+    extra_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None  # non-trainable state to save
+    validate: Callable[[object], str | None] | None = None  # cross-field config checks -> error message
+    paper: str = ""
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge is not None
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_head(model: nn.Module) -> list[str]:
+    """Train the task head (classifier / score); returns the names of its parameters."""
+    names = []
+    for name, p in model.named_parameters():
+        if any(part in HEAD_NAMES for part in name.split(".")[:-1]):
+            p.requires_grad_(True)
+            names.append(name)
+    return names
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def linear_names(model: nn.Module, kinds=(nn.Linear,)) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def match_targets(model: nn.Module, targets, kinds=(nn.Linear,)) -> list[str]:
+    """Module names selected by `targets`: a list of name suffixes, a regex string (full match),
+    or "all-linear" (every linear layer except output heads)."""
+    candidates = linear_names(model, kinds)
+    if targets == "all-linear":
+        return [n for n in candidates if not any(n == o or n.endswith("." + o) or n.startswith(o + ".")
+                                                 for o in OUTPUT_LAYER_NAMES)]
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return [n for n in candidates if pattern.fullmatch(n)]
+    return [n for n in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def target_error(model: nn.Module, targets, kinds=(nn.Linear,)) -> str:
+    """The message for target_modules that match nothing: list the suffixes that exist."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model, kinds)})
+    return f"target_modules {targets!r} matches no layer of this model; its layers are: {', '.join(suffixes)}"
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Transformer block index in a parameter/module name (`...layer.3.attention...` -> 3), or None."""
+    match = _LAYER_INDEX.search("." + name)
+    return int(match.group(1)) if match else None
+
+
+def num_layers(model: nn.Module) -> int:
+    indices = [layer_index(n) for n, _ in model.named_parameters()]
+    return max((i for i in indices if i is not None), default=-1) + 1

@@ -1,0 +1,1 @@
+"""Optimizer construction: rule-based LR groups (and importance-scored LR scaling)."""

@@ -1,0 +1,245 @@
+"""The recipe: strict loading, ${...} interpolation, --set overrides, and the typed sections."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+from .schema import Where, build, check_keys, field, fraction, positive, non_negative
+from .yamlio import LocDict, parse_scalar, read_yaml_file
+
+TASKS = ("sequence-classification", "causal-lm", "token-classification", "seq2seq", "image-classification")
+Task = Literal["sequence-classification", "causal-lm", "token-classification", "seq2seq", "image-classification"]
+
+
+@dataclasses.dataclass
+class ModelSection:
+    name_or_path: str = field(doc="hub id | local dir | pkg:<python package>/<subdir>")
+    task: Task = field("sequence-classification", doc="what the model is trained to do")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field("float32", doc="dtype the base weights load in")
+    revision: str | None = field(None, doc="hub revision (commit) to pin")
+    trust_remote_code: bool = field(False, doc="run the model repo's own code; needs a pinned revision")
+    gguf_file: str | None = field(None, doc="GGUF file inside name_or_path (dequantised on load)")
+    num_labels: int | None = field(None, check=positive, doc="classes; 1 = regression. Inferred from data if unset")
+    labels: list[str] | None = field(None, doc="label names in id order. Inferred from data if unset")
+    attn_implementation: str | None = field(None, doc="eager | sdpa | flash_attention_2 (transformers' choice)")
+    allow_pickle: bool = field(False, doc="allow pickle-based weight files (.bin/.pt): they can run code on load")
+
+
+@dataclasses.dataclass
+class DataSection:
+    train: str = field(doc="file | dir | glob | hub:<id>[:<config>]")
+    eval: str | None = field(None, doc="evaluation data (same forms as train)")
+    eval_fraction: float | None = field(None, check=fraction, doc="hold out this fraction of train when eval is unset")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"] = field("auto", doc="file format")
+    columns: list[str] | None = field(None, doc="column names for header-less csv/tsv files")
+    text: str = field("text", doc="text column (classification, plain-text LM)")
+    text_pair: str | None = field(None, doc="second text column for sentence pairs")
+    label: str = field("label", doc="label column (classification)")
+    tokens: str = field("tokens", doc="token column (token classification)")
+    tags: str = field("tags", doc="tag column (token classification)")
+    prompt: str | None = field(None, doc="prompt column (causal-lm prompt/response data)")
+    response: str | None = field(None, doc="response column (causal-lm prompt/response data)")
+    lm_format: Literal["auto", "alpaca", "messages", "prompt_response", "text"] = field(
+        "auto", doc="causal-lm example format; auto detects from columns")
+    train_on_prompt: bool = field(False, doc="causal-lm: also put loss on prompt tokens")
+    max_length: int = field(128, check=positive, doc="tokens per example (longer ones are truncated)")
+    limit: dict[str, int] = field(factory=dict, doc="row limits per split, e.g. {train: 2000}")
+    packing: bool = field(False, doc="causal-lm: pack several examples per row (no cross-attention)")
+
+
+@dataclasses.dataclass
+class LrGroupRule:
+    pattern: str = field(doc="regex matched against parameter names (re.search)")
+    lr_scale: float | None = field(None, check=positive, doc="multiplier on the base learning rate")
+    lr: float | None = field(None, check=positive, doc="absolute learning rate")
+    weight_decay: float | None = field(None, check=non_negative, doc="weight decay for this group")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr_groups: list[LrGroupRule] = field(factory=list, doc="first matching rule wins")
+    layer_decay: float | None = field(None, check=lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}",
+                                      doc="layer-wise LR decay: layer i of L gets decay^(L-i)")
+    lora_plus_ratio: float | None = field(None, check=positive, doc="LoRA+: lr of lora_B = ratio x lr of lora_A")
+
+
+@dataclasses.dataclass
+class EvalSection:
+    metrics: list[str] | None = field(None, doc="metric names; default depends on the task")
+    batch_size: int = field(64, check=positive, doc="evaluation batch size")
+
+
+@dataclasses.dataclass
+class Recipe:
+    source: str
+    raw: dict
+    model: ModelSection
+    data: DataSection
+    method_name: str
+    method: Any
+    train: dict
+    optim: OptimSection
+    eval: EvalSection
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train["output_dir"])
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "method": None, "train": None, "optim": OptimSection,
+            "eval": EvalSection}
+_INTERP = re.compile(r"\$\{([^}]*)\}")
+SECRET_KEY = re.compile(r"(token|api_key|apikey|password|secret)", re.I)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Read, interpolate, override and validate a recipe. Raises UserError on any problem."""
+    path = Path(path)
+    data = read_yaml_file(path)
+    return recipe_from_dict(data, str(path), path.parent, overrides, output_dir)
+
+
+def recipe_from_dict(data, source: str, recipe_dir: Path, overrides=(), output_dir=None) -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the top level must be a mapping with model/data/method/train sections")
+    data = copy.deepcopy(data)
+    for item in overrides:
+        apply_override(data, item)
+    if output_dir:
+        data.setdefault("train", LocDict())["output_dir"] = output_dir
+    data = interpolate(data, Where(source, "", None), recipe_dir)
+    root = Where(source, "", None)
+    check_keys(data, SECTIONS, root, "a recipe")
+    for required in ("model", "data", "method"):
+        if required not in data:
+            raise root.error(f"missing section '{required}'; see recipes/quickstart.yaml for a complete recipe")
+    model = build(ModelSection, data["model"], root.child("model", data))
+    data_section = build(DataSection, data["data"], root.child("data", data))
+    method_name, method_cfg = build_method(data["method"], root.child("method", data), model.task)
+    train = build_train(data.get("train") or {}, root.child("train", data), source)
+    optim = build(OptimSection, data.get("optim"), root.child("optim", data))
+    eval_section = build(EvalSection, data.get("eval"), root.child("eval", data))
+    check_model_safety(model, root.child("model", data))
+    raw = plain(data)
+    raw.setdefault("train", {})["output_dir"] = train["output_dir"]
+    return Recipe(source, raw, model, data_section, method_name, method_cfg, train, optim, eval_section)
+
+
+def build_method(section, where: Where, task: str):
+    from .methods import get_method, METHODS
+
+    if not isinstance(section, dict) or "name" not in section:
+        raise where.error(f"needs 'name:' (one of {', '.join(METHODS)})")
+    name = section["name"]
+    method = get_method(name, where.child("name", section))
+    if task not in method.tasks:
+        raise where.child("name", section).error(
+            f"method '{name}' does not support task '{task}' (it supports: {', '.join(sorted(method.tasks))})")
+    options = {k: v for k, v in section.items() if k != "name"}
+    if isinstance(section, LocDict):
+        options = LocDict(options)
+        options.lines = section.lines
+    cfg = build(method.config_cls, options, where)
+    if method.validate:
+        message = method.validate(cfg)
+        if message:
+            raise where.error(message)
+    return name, cfg
+
+
+def build_train(section, where: Where, source: str) -> dict:
+    """The train section is passed to TrainingArguments: keys are checked against its fields."""
+    from transformers import TrainingArguments
+
+    if not isinstance(section, dict):
+        raise where.error("expected a mapping of TrainingArguments keys")
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    check_keys(section, allowed, where, "'train' (transformers.TrainingArguments)")
+    for key, value in section.items():
+        if SECRET_KEY.search(key) and value not in (None, "", False):
+            raise where.child(key, section).error(
+                "secrets do not belong in a recipe (it is saved with the run); set them in the environment")
+    out = dict(section)
+    checks = {"learning_rate": positive, "per_device_train_batch_size": positive, "per_device_eval_batch_size": positive,
+              "num_train_epochs": positive, "gradient_accumulation_steps": positive, "weight_decay": non_negative,
+              "warmup_steps": non_negative, "max_grad_norm": non_negative}
+    for key, check in checks.items():
+        if key in out:
+            if isinstance(out[key], bool) or not isinstance(out[key], (int, float)):
+                raise where.child(key, section).error(f"expected a number, got {out[key]!r}")
+            message = check(out[key])
+            if message:
+                raise where.child(key, section).error(message)
+    out.setdefault("output_dir", str(Path("runs") / Path(source).stem))
+    return out
+
+
+def check_model_safety(model: ModelSection, where: Where) -> None:
+    if model.trust_remote_code and not model.revision:
+        raise where.error("trust_remote_code: true runs the model repository's code: pin it with "
+                          "'revision: <commit sha>' (or set trust_remote_code: false)")
+
+
+def interpolate(value, where: Where, recipe_dir: Path):
+    """Resolve ${env:NAME,default} and ${recipe_dir} inside every string, keeping line information."""
+    if isinstance(value, dict):
+        out = LocDict({k: interpolate(v, where.child(k, value), recipe_dir) for k, v in value.items()})
+        if isinstance(value, LocDict):
+            out.lines, out.line = value.lines, value.line
+        return out
+    if isinstance(value, list):
+        return [interpolate(v, where, recipe_dir) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        expr = match.group(1)
+        if expr == "recipe_dir":
+            return str(recipe_dir)
+        if expr.startswith("env:"):
+            name, _, default = expr[4:].partition(",")
+            name = name.strip()
+            if name not in os.environ and not _:
+                raise where.error(f"environment variable {name} is not set (write ${{env:{name},default}} "
+                                  f"to give a default)")
+            return os.environ.get(name, default)
+        raise where.error(f"unknown interpolation ${{{expr}}}; use ${{env:NAME,default}} or ${{recipe_dir}}")
+
+    return _INTERP.sub(replace, value)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`--set key.path=value`: value parsed as a YAML scalar with the recipe's rules."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set train.learning_rate=3e-4")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = LocDict()
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = parse_scalar(text, f"--set {key}") if text.strip() else ""
+
+
+def plain(value):
+    """Drop LocDict wrappers so the resolved recipe dumps as plain YAML."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def dump_recipe(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,78 @@
+"""PeftTrainer: the HF Trainer with rule-based LR groups, method regularisers and pickle-free saving."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .optim.lr_groups import build_param_groups, describe_groups
+from .recipe import OptimSection
+
+logger = logging.getLogger("peftcli")
+
+
+class PeftTrainer(Trainer):
+    """Trainer for a model whose method modules are already injected.
+
+    - create_optimizer: parameter groups from `optim` rules (see optim/lr_groups.py);
+    - compute_loss: adds every module's `peft_aux_loss()` (method regularisers such as orthogonality or L0
+      penalties) during training;
+    - _save: writes only the trainable tensors (safetensors) and never pickles TrainingArguments.
+    """
+
+    def __init__(self, *args, optim_rules: OptimSection | None = None, save_trained=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optim_rules = optim_rules or OptimSection()
+        self.save_trained = save_trained  # (model, output_dir) -> None, writes the run's tensors + configs
+        self._aux_modules = [m for m in self.model.modules() if hasattr(m, "peft_aux_loss")]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        groups = build_param_groups(opt_model, self.optim_rules, self.args.learning_rate, self.args.weight_decay)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)  # each group carries its own
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        for line in describe_groups(groups):
+            logger.info("param group %s", line)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not (model.training and self._aux_modules):
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        for module in self._aux_modules:
+            aux = module.peft_aux_loss()
+            if aux is not None:
+                loss = loss + aux
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self.save_trained(model, output_dir)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every logged dict (loss, lr, eval metrics) to <run>/log.jsonl on the main process."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **_floats(logs)}) + "\n")
+
+
+def _floats(logs: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in logs.items()}
