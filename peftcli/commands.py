@@ -49,7 +49,7 @@ def plan(recipe: Recipe) -> Plan:
     metrics = recipe.eval.metrics or DEFAULT_METRICS[default_key]
     check_metrics(metrics, recipe.model.task, regression)
     skeleton = build_skeleton(recipe.model, num_labels, data.labels)
-    runs.prepare_model(skeleton, recipe)
+    runs.prepare_model(skeleton, recipe.method_name, recipe.method)
     return Plan(recipe, tokenizer, data, num_labels, metrics)
 
 
@@ -84,7 +84,8 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     set_seed(recipe.train.get("seed", 42))
     from .models import load_model
 
-    model = runs.prepare_model(load_model(recipe.model, the_plan.num_labels, the_plan.data.labels), recipe)
+    model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
+    model = runs.prepare_model(model, recipe.method_name, recipe.method)
     if overwrite and out.exists() and not resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, **extra_args):
     recipe = the_plan.recipe
     kwargs = {"report_to": "none", "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no",
               "per_device_eval_batch_size": recipe.eval.batch_size, "remove_unused_columns": False,
-              "label_names": ["labels"], "dataloader_num_workers": 0, **recipe.train, **extra_args}
+              "label_names": ["labels"], "dataloader_num_workers": 0,
+              "dataloader_pin_memory": torch.cuda.is_available(), **recipe.train, **extra_args}
     kwargs["output_dir"] = str(out)
     args = TrainingArguments(**kwargs)
     method = get_method(recipe.method_name)

@@ -75,10 +75,10 @@ def save_trained(model: torch.nn.Module, output_dir: str | Path, record: dict) -
     atomic_write(output_dir / METHOD_JSON, json.dumps(record, indent=2))
 
 
-def prepare_model(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, method_name: str, cfg) -> torch.nn.Module:
     """Freeze the base, inject the method, train the task head."""
     freeze_all(model)
-    model = get_method(recipe.method_name).inject(model, recipe.method)
+    model = get_method(method_name).inject(model, cfg)
     unfreeze_head(model)
     return model
 
@@ -109,7 +109,7 @@ def load_trained(run_dir: str | Path, weights_dir: str | Path | None = None):
     recipe, record = read_run(run_dir)
     weights_dir = Path(weights_dir or run_dir)
     model = load_model(recipe.model, record.get("num_labels"), record.get("labels"))
-    model = prepare_model(model, recipe)
+    model = prepare_model(model, recipe.method_name, recipe.method)
     load_tensors_into(model, weights_dir / TENSORS)
     model.eval()
     return recipe, record, model, load_tokenizer(recipe.model)

@@ -13,7 +13,7 @@ from .registry import Method, layer_index, num_layers
 
 @dataclasses.dataclass
 class FreezeConfig:
-    top_layers: int = field(0, check=non_negative, doc="train the top N transformer layers")
+    top_layers: int = field(1, check=non_negative, doc="train the top N transformer layers")
     patterns: list[str] = field(factory=list, doc="also train parameters whose names match these regexes")
     train_embeddings: bool = field(False, doc="also train the embedding layer")
 
