@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.")
@@ -28,6 +28,9 @@ def cli_errors(func):
             return func(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except TrainingStopped as exc:  # 3 interrupted + checkpointed, 4 NaN/inf loss, 5 out of memory
+            typer.echo(f"stopped: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -53,13 +56,14 @@ def train(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override: key.path=value (repeatable)")] = None,
     output_dir: Annotated[Optional[str], typer.Option(help="run directory (overrides train.output_dir)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the newest checkpoint of the run directory")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the newest valid checkpoint of the run directory")] = False,
+    resume_from: Annotated[Optional[str], typer.Option(help="continue from this checkpoint-N folder")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ):
     """Train RECIPE; prints where the run went."""
     from . import commands
 
-    out = commands.train(recipe, set_ or [], output_dir, resume, overwrite)
+    out = commands.train(recipe, set_ or [], output_dir, resume_from or resume, overwrite)
     typer.echo(f"run saved to {out}")
 
 
@@ -115,6 +119,28 @@ def validate(
     evals = len(checked.data.eval) if checked.data.eval is not None else 0
     typer.echo(f"ok: {recipe}: method {checked.recipe.method_name}, {len(checked.data.train)} train / "
                f"{evals} eval examples{labels}")
+
+
+@app.command("glora-search")
+@cli_errors
+def glora_search(
+    run_dir: Annotated[str, typer.Argument(help="a GLoRA supernet run (method.supernet: true)")],
+    out: Annotated[str, typer.Option(help="recipe file to write with the chosen per-layer paths")],
+    output_dir: Annotated[Optional[str], typer.Option(help="train.output_dir of that recipe")] = None,
+    population: Annotated[int, typer.Option(min=2, help="candidates per generation")] = 10,
+    generations: Annotated[int, typer.Option(min=1, help="generations of evolution")] = 5,
+    mutation: Annotated[float, typer.Option(min=0.0, max=1.0, help="per-component mutation probability")] = 0.2,
+    max_params: Annotated[Optional[int], typer.Option(min=1, help="parameter budget of the chosen paths")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="score on the first N eval rows")] = None,
+    seed: Annotated[int, typer.Option(help="search random seed")] = 0,
+):
+    """Evolutionary search of per-layer GLoRA paths on a supernet run; writes a recipe to fine-tune them."""
+    from .glora_search import SearchOptions, search
+
+    result = search(run_dir, out, output_dir, SearchOptions(population, generations, mutation, max_params, limit,
+                                                            seed))
+    typer.echo(f"best {result['metric']} {result['score']:.4f} ({result['params']} params); "
+               f"recipe written to {result['recipe']}")
 
 
 @app.command()

@@ -62,10 +62,10 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         raise UserError(f"train.output_dir: {out} is a file; choose a directory")
     for source in filter(None, [recipe.model.name_or_path, recipe.data.train, recipe.data.eval]):
         src = Path(source).expanduser()
-        if src.exists():
-            src_dir = (src if src.is_dir() else src.parent).resolve()
-            if resolved == src_dir or src_dir in resolved.parents:
-                raise UserError(f"train.output_dir: {out} is inside the input folder {src_dir}; write runs elsewhere")
+        if src.is_dir() and (resolved == src.resolve() or src.resolve() in resolved.parents):
+            raise UserError(f"train.output_dir: {out} is inside the input folder {src}; write runs elsewhere")
+        if src.is_file() and resolved == src.resolve():
+            raise UserError(f"train.output_dir: {out} is an input file; choose a run folder such as runs/x")
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         kind = "a previous run" if runs.is_run_dir(out) else "files that are not a peftcli run"
         raise UserError(f"train.output_dir: {out} already holds {kind}; pass --resume to continue it, "
@@ -73,11 +73,17 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume: bool = False,
+def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume: bool | str = False,
           overwrite: bool = False) -> Path:
+    """`resume`: False, True (newest valid checkpoint) or a checkpoint folder."""
+    from . import checkpoint
+    from .resilience import train_with_stops
+
     recipe = load_recipe(recipe_path, overrides, output_dir)
     absolutize_paths(recipe.raw)
     out = check_output_dir(recipe, resume, overwrite)
+    recipe_hash = checkpoint.recipe_sha256(recipe.raw)
+    resume_from = checkpoint.resume_point(out, resume, recipe_hash)
     the_plan = plan(recipe)
     from transformers import set_seed
 
@@ -91,9 +97,10 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     out.mkdir(parents=True, exist_ok=True)
     runs.write_recipe(recipe, out)
     record = runs.method_record(recipe, model, the_plan.data.labels)
-    trainer = build_trainer(the_plan, model, out, record)
+    trainer = build_trainer(the_plan, model, out, record, recipe_sha256=recipe_hash)
     started = time.time()
-    trainer.train(resume_from_checkpoint=resume and has_checkpoint(out) or None)
+    resume_command = f"peft train {recipe_path} --resume" + (f" --output-dir {output_dir}" if output_dir else "")
+    train_with_stops(trainer, resume_from, resume_command, recipe.data.max_length)
     seconds = time.time() - started
     runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record)
     metrics = final_metrics(trainer, the_plan) if the_plan.data.eval else {}
@@ -101,7 +108,7 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     return out
 
 
-def build_trainer(the_plan: Plan, model, out: Path, record: dict, **extra_args):
+def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256: str = "", **extra_args):
     from transformers import TrainingArguments
 
     from .trainer import JsonlLogCallback, PeftTrainer
@@ -121,12 +128,8 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, **extra_args):
         model=model, args=args, train_dataset=the_plan.data.train, eval_dataset=the_plan.data.eval,
         data_collator=make_collator(recipe.model.task, the_plan.tokenizer), processing_class=the_plan.tokenizer,
         compute_metrics=make_compute_metrics(recipe.model.task, the_plan.metrics, the_plan.num_labels),
-        callbacks=callbacks, optim_rules=recipe.optim,
+        callbacks=callbacks, optim_rules=recipe.optim, recipe_sha256=recipe_sha256,
         save_trained=lambda m, d: runs.save_trained(m, d, record))
-
-
-def has_checkpoint(out: Path) -> bool:
-    return any(p.name.startswith("checkpoint-") for p in out.iterdir())
 
 
 def final_metrics(trainer, the_plan: Plan) -> dict:
@@ -151,18 +154,14 @@ def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: fl
 def evaluate(run_dir: str, data: str | None = None, split: str = "eval") -> dict:
     recipe, record, model, tokenizer = runs.load_trained(run_dir)
     section = recipe.data
-    if data:
-        section = dataclasses.replace(section, eval=data, eval_fraction=None)
+    if data:  # a user-named file is scored whole
+        section = dataclasses.replace(section, eval=data, eval_fraction=None, limit={})
     elif split == "train":
-        section = dataclasses.replace(section, eval=section.train, eval_fraction=None)
-    from .data import load_rows
-
-    if section.eval:
-        eval_rows = load_rows(section.eval, section, "eval")
-    elif section.eval_fraction:
-        eval_rows = load_splits(section, recipe.train.get("seed", 42))[1]
-    else:
+        section = dataclasses.replace(section, eval=section.train, eval_fraction=None,
+                                      limit={"eval": section.limit["train"]} if "train" in section.limit else {})
+    if not (section.eval or section.eval_fraction):
         raise UserError(f"{run_dir}: the recipe has no eval data; pass --data PATH")
+    eval_rows = load_splits(section, recipe.train.get("seed", 42))[1]
     prepared = prepare(recipe.model.task, tokenizer, section, recipe.model, eval_rows, None,
                        labels=record.get("labels"))  # the eval rows, encoded with the run's label order
     num_labels = record.get("num_labels")

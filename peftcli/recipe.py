@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
-from .schema import Where, build, check_keys, field, fraction, positive, non_negative
+from .schema import Where, build, check_keys, field, fraction, non_negative, open_fraction, positive
 from .yamlio import LocDict, parse_scalar, read_yaml_file
 
 TASKS = ("sequence-classification", "causal-lm", "token-classification", "seq2seq", "image-classification")
@@ -62,12 +62,46 @@ class LrGroupRule:
     weight_decay: float | None = field(None, check=non_negative, doc="weight decay for this group")
 
 
+IMPORTANCE_SCORES = ("weight_l1", "weight_l2", "grad_norm", "taylor", "fisher", "hessian")
+
+
+def _check_scores(value: dict) -> str | None:
+    unknown = [k for k in value if k not in IMPORTANCE_SCORES]
+    if unknown or not value:
+        return f"score names must be among {', '.join(IMPORTANCE_SCORES)}; got {', '.join(map(str, value)) or 'none'}"
+    return None if all(w >= 0 for w in value.values()) and any(value.values()) else "weights must be >= 0, not all 0"
+
+
+def _check_range(value: list) -> str | None:
+    ok = len(value) == 2 and 0 < value[0] <= 1 <= value[1]
+    return None if ok else f"must be [min, max] with 0 < min <= 1 <= max, got {value}"
+
+
+@dataclasses.dataclass
+class ImportanceSection:
+    scores: dict[str, float] = field(factory=lambda: {"taylor": 1.0}, check=_check_scores,
+                                     doc="score -> weight: weight_l1 | weight_l2 | grad_norm | taylor | fisher | hessian")
+    granularity: Literal["tensor", "module", "layer"] = field("layer", doc="what one LR multiplier covers")
+    ema: float = field(0.9, check=open_fraction, doc="EMA factor of the scores (0 = latest batch only)")
+    mapping: Literal["rank", "power"] = field("rank", doc="rank: exp((u-1/2)/T), u = normalised rank; "
+                                                          "power: (score/geo-mean)^(1/T)")
+    temperature: float = field(1.0, check=positive, doc="T: larger = flatter multipliers")
+    scale_range: list[float] = field(factory=lambda: [0.5, 2.0], check=_check_range, doc="[min, max] clamp")
+    invert: bool = field(False, doc="give the least important groups the largest rate")
+    warmup_steps: int = field(20, check=non_negative, doc="steps of base rates before the first update")
+    update_every: int = field(10, check=positive, doc="K: recompute the multipliers every K steps")
+    layers: list[int] | None = field(None, doc="scale only these layer indices; the rest keep the base rate")
+    hessian_probes: int = field(1, check=positive, doc="Hutchinson probes per Hessian estimate")
+    hessian_interval: int = field(50, check=positive, doc="steps between Hessian estimates (a double backward)")
+
+
 @dataclasses.dataclass
 class OptimSection:
     lr_groups: list[LrGroupRule] = field(factory=list, doc="first matching rule wins")
     layer_decay: float | None = field(None, check=lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}",
                                       doc="layer-wise LR decay: layer i of L gets decay^(L-i)")
     lora_plus_ratio: float | None = field(None, check=positive, doc="LoRA+: lr of lora_B = ratio x lr of lora_A")
+    importance: ImportanceSection | None = field(None, doc="importance-scored LR multipliers per group")
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .methods import get_method
+from .methods import METHODS, get_method
 from .methods.registry import freeze_all, trainable_state, unfreeze_head
 from .recipe import Recipe, dump_recipe, load_recipe
 
@@ -71,6 +71,8 @@ def save_trained(model: torch.nn.Module, output_dir: str | Path, record: dict) -
     tensors = dict(trainable_state(model))
     if method.extra_state:
         tensors.update(method.extra_state(model))
+    if method.pack_state:
+        tensors = method.pack_state(model, tensors)
     atomic_save_tensors(tensors, output_dir / TENSORS, metadata={"format": "pt", "method": record["method"]})
     atomic_write(output_dir / METHOD_JSON, json.dumps(record, indent=2))
 
@@ -118,7 +120,7 @@ def load_trained(run_dir: str | Path, weights_dir: str | Path | None = None):
 def load_tensors_into(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: missing; the run did not finish saving (resume it, or use a checkpoint)")
-    tensors = load_file(str(path))
+    tensors = _unpack(model, path, load_file(str(path)))
     expected = set(trainable_state(model))
     missing = sorted(expected - set(tensors))
     if missing:
@@ -127,6 +129,16 @@ def load_tensors_into(model: torch.nn.Module, path: Path) -> None:
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise UserError(f"{path}: holds tensors this model does not have (e.g. {result.unexpected_keys[0]})")
+
+
+def _unpack(model: torch.nn.Module, path: Path, tensors: dict) -> dict:
+    """Undo the method's pack_state (named in the file's metadata by save_trained)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        name = (handle.metadata() or {}).get("method")
+    method = get_method(name) if name in METHODS else None
+    return method.unpack_state(model, tensors) if method and method.unpack_state else tensors
 
 
 def write_recipe(recipe: Recipe, output_dir: Path) -> None:

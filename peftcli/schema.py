@@ -28,8 +28,19 @@ class Where:
         return UserError(f"{loc}: {self.path}: {message}" if self.path else f"{loc}: {message}")
 
 
+# Names users bring from HF peft, axolotl and LLaMA-Factory configs.
+SYNONYMS = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+            "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+            "micro_batch_size": "per_device_train_batch_size", "base_model": "name_or_path",
+            "model_name_or_path": "name_or_path", "lora_target_modules": "target_modules",
+            "sequence_len": "max_length", "cutoff_len": "max_length", "max_seq_length": "max_length"}
+
+
 def did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    options = list(options)
+    if SYNONYMS.get(word) in options:
+        return f" (did you mean '{SYNONYMS[word]}'?)"
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -8,19 +8,23 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .optim.importance import ScaledLambdaLR, scaled_scheduler
+from .optim.importance_callback import ImportanceCallback
 from .optim.lr_groups import build_param_groups, describe_groups
 from .recipe import OptimSection
+from .resilience import CheckpointingMixin
 
 logger = logging.getLogger("peftcli")
 
 
-class PeftTrainer(Trainer):
+class PeftTrainer(CheckpointingMixin, Trainer):
     """Trainer for a model whose method modules are already injected.
 
     - create_optimizer: parameter groups from `optim` rules (see optim/lr_groups.py);
     - compute_loss: adds every module's `peft_aux_loss()` (method regularisers such as orthogonality or L0
       penalties) during training;
-    - _save: writes only the trainable tensors (safetensors) and never pickles TrainingArguments.
+    - _save: writes only the trainable tensors (safetensors) and never pickles TrainingArguments;
+    - checkpoints (CheckpointingMixin, resilience.py): committed atomically with a manifest, pickle-free.
     """
 
     def __init__(self, *args, optim_rules: OptimSection | None = None, save_trained=None, **kwargs):
@@ -28,6 +32,12 @@ class PeftTrainer(Trainer):
         self.optim_rules = optim_rules or OptimSection()
         self.save_trained = save_trained  # (model, output_dir) -> None, writes the run's tensors + configs
         self._aux_modules = [m for m in self.model.modules() if hasattr(m, "peft_aux_loss")]
+        # Importance-scored LR multipliers (optim/importance.py): the callback sets each group's lr_scale,
+        # the scheduler multiplies it in.
+        self.importance = None
+        if self.optim_rules.importance is not None:
+            self.importance = ImportanceCallback(self.optim_rules.importance, self.args.output_dir)
+            self.add_callback(self.importance)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -40,6 +50,22 @@ class PeftTrainer(Trainer):
         for line in describe_groups(groups):
             logger.info("param group %s", line)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.importance is not None and not isinstance(scheduler, ScaledLambdaLR):
+            self.lr_scheduler = scaled_scheduler(scheduler)
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.importance is not None:
+            self.importance.observe(model, inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.importance is not None and "loss" in logs:
+            logs.update(self.importance.log_summary())
+        super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -8,13 +8,22 @@ from .registry import Method
 # Each family keeps its own block (imports inside the block keep merges of parallel work trivial).
 _SPINE = [full.METHOD, freeze.METHOD, bitfit.METHOD, lora.METHOD]
 # -- reparameterised: LoRA variants, IA3, VeRA (issue 5a) --
-_REPARAM_A: list[Method] = []
+from . import ia3, vera  # noqa: E402
+
+_REPARAM_A: list[Method] = [ia3.METHOD, vera.METHOD]
 # -- reparameterised: AdaLoRA, GLoRA, Diff Pruning, QLoRA, SVD (issue 5b) --
-_REPARAM_B: list[Method] = []
+from . import adalora, diff_pruning, glora, qlora, svd  # noqa: E402
+
+_REPARAM_B: list[Method] = [adalora.METHOD, glora.METHOD, diff_pruning.METHOD, qlora.METHOD, svd.METHOD]
 # -- additive: bottleneck adapters and friends (issue 8) --
-_ADDITIVE: list[Method] = []
+from . import adamix, adapter, parallel_adapter  # noqa: E402
+
+_ADDITIVE: list[Method] = [adapter.METHOD, adapter.DROP_METHOD, parallel_adapter.METHOD,
+                            parallel_adapter.ADAPTFORMER, adamix.METHOD, adamix.LORA_METHOD]
 # -- prompt methods (issue 9) --
-_PROMPT: list[Method] = []
+from . import prefix_tuning  # noqa: E402
+
+_PROMPT: list[Method] = [prefix_tuning.METHOD]
 # -- selective / training-time methods (issue 7) --
 _SELECTIVE: list[Method] = []
 

@@ -1,91 +1,138 @@
-"""LoRA (Hu et al. 2021): a trainable low-rank update B·A beside each frozen target linear layer."""
+"""LoRA (Hu et al. 2021) and its options: rsLoRA, DoRA, PiSSA init, per-module rank/alpha, embedding/Conv1D targets."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from typing import Literal
 
-import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from ..errors import UserError
 from ..schema import field, open_fraction, positive
+from .lora_layers import LoraConv1D, LoraEmbedding, LoraLinear
 from .registry import Method, match_targets, replace_module, target_error
+
+__all__ = ["DEFAULT_TARGETS", "LoraConfig", "LoraLinear", "LoraConv1D", "LoraEmbedding", "lora_scale",
+           "module_rank_alpha", "METHOD"]
 
 # Attention query/value projections, the LoRA paper's choice (Sec. 7.1), under their common HF names.
 DEFAULT_TARGETS = ["query", "value", "q_proj", "v_proj", "c_attn"]
+# Layer kinds LoRA can adapt; `all-linear` takes the first two (embeddings must be named).
+TARGET_KINDS = (nn.Linear, Conv1D, nn.Embedding)
+
+
+def _positive_values(mapping: dict) -> str | None:
+    bad = [k for k, v in mapping.items() if v <= 0]
+    return f"values must be > 0; {bad[0]!r} maps to {mapping[bad[0]]}" if bad else None
 
 
 @dataclasses.dataclass
 class LoraConfig:
     r: int = field(8, check=positive, doc="rank of the update")
     alpha: float = field(16.0, check=positive, doc="scale numerator: update = (alpha / r) · B·A")
-    dropout: float = field(0.0, check=open_fraction, doc="dropout on the adapter's input")
+    dropout: float = field(0.0, check=open_fraction, doc="dropout on the adapter's input (linear layers)")
     target_modules: list[str] | str = field(factory=lambda: list(DEFAULT_TARGETS),
-                                            doc="name suffixes, a regex, or all-linear")
+                                            doc="name suffixes, a regex, or all-linear; embeddings by name")
     use_rslora: bool = field(False, doc="rsLoRA: scale alpha / sqrt(r) (Kalajdzievski 2023)")
+    use_dora: bool = field(False, doc="DoRA: trained per-output magnitude x normalised W + B·A (Liu et al. 2024)")
+    init: Literal["default", "pissa"] = field(
+        "default", doc="default: random A, B = 0; pissa: A, B from W's top-r singular vectors (Meng et al. 2024)")
+    rank_pattern: dict[str, int] = field(factory=dict, check=_positive_values,
+                                         doc="regex -> rank for the modules it matches (name or dotted suffix)")
+    alpha_pattern: dict[str, float] = field(factory=dict, check=_positive_values,
+                                            doc="regex -> alpha for the modules it matches (name or dotted suffix)")
 
 
-def lora_scale(cfg: LoraConfig) -> float:
-    return cfg.alpha / math.sqrt(cfg.r) if cfg.use_rslora else cfg.alpha / cfg.r
+def validate(cfg: LoraConfig) -> str | None:
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(cfg, key):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return f"{key}: {pattern!r} is not a valid regex ({exc}); write e.g. 'layer\\.0\\..*query'"
+    return None
 
 
-class LoraLinear(nn.Linear):
-    """nn.Linear whose frozen weight/bias keep their names, plus fp32 `lora_A`/`lora_B`.
-    Keeping the base parameter names means the injected model's state_dict is the base's plus lora keys,
-    and merging gives back exactly the base layout."""
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the first pattern matching `name` whole or a dotted suffix of it (HF peft's convention)."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name):
+            return value
+    return default
 
-    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        device = base.weight.device
-        # Master weights stay fp32 whatever the base dtype; forward casts them to the compute dtype.
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0 makes the update start at zero (Sec. 4.1)
-        self.scale, self.dropout_p = scale, dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import lora_linear
+def module_rank_alpha(cfg: LoraConfig, name: str) -> tuple[int, float]:
+    return pattern_value(cfg.rank_pattern, name, cfg.r), pattern_value(cfg.alpha_pattern, name, cfg.alpha)
 
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, self.dropout_p,
-                           self.training)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+def lora_scale(cfg: LoraConfig, r: int | None = None, alpha: float | None = None) -> float:
+    r, alpha = r or cfg.r, alpha or cfg.alpha
+    return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r  # rsLoRA, Kalajdzievski 2023, Sec. 3
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded in (computed in fp32, cast to the base dtype)."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain
 
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, r={self.lora_A.shape[0]}, scale={self.scale:g}"
+def target_names(model: nn.Module, targets) -> list[str]:
+    if targets == "all-linear":
+        return match_targets(model, targets, kinds=(nn.Linear, Conv1D))
+    return match_targets(model, targets, kinds=TARGET_KINDS)
+
+
+def _check_patterns(cfg: LoraConfig, names: list[str]) -> None:
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(cfg, key):
+            if not any(pattern_value({pattern: 1}, n, None) for n in names):
+                raise UserError(f"method.{key}: {pattern!r} matches none of the {len(names)} targeted modules "
+                                f"(e.g. {names[0]}); fix the regex or remove it")
+
+
+def _check_embedding(model: nn.Module, name: str, cfg: LoraConfig) -> None:
+    if cfg.use_dora or cfg.init == "pissa":
+        option = "use_dora" if cfg.use_dora else "init: pissa"
+        raise UserError(f"method.target_modules: {name} is an embedding; {option} applies to linear layers only: "
+                        f"drop the embedding from target_modules")
+    weight = model.get_submodule(name).weight
+    if sum(p is weight for p in model.parameters(remove_duplicate=False)) > 1:
+        raise UserError(f"method.target_modules: {name} shares its weight with the output layer (tied "
+                        f"embeddings), so its update could not be merged; drop it from target_modules")
+
+
+def wrap(model: nn.Module, name: str, cfg: LoraConfig) -> nn.Module:
+    base = model.get_submodule(name)
+    r, alpha = module_rank_alpha(cfg, name)
+    scale = lora_scale(cfg, r, alpha)
+    if isinstance(base, nn.Embedding):
+        _check_embedding(model, name, cfg)
+        return LoraEmbedding(base, r, scale)
+    if r > min(base.weight.shape) and cfg.init == "pissa":
+        raise UserError(f"method.r: PiSSA needs r <= min(in, out) = {min(base.weight.shape)} for {name}; lower r")
+    layer = (LoraConv1D if isinstance(base, Conv1D) else LoraLinear)(base, r, scale, cfg.dropout)
+    if cfg.init == "pissa":
+        layer.pissa_init()
+    if cfg.use_dora:  # after PiSSA, so the magnitude is that of the residual plus the adapter (= W)
+        layer.enable_dora()
+    return layer
 
 
 def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    names = match_targets(model, cfg.target_modules)
+    names = target_names(model, cfg.target_modules)
     if not names:
-        from ..errors import UserError
-
-        raise UserError(f"method.{target_error(model, cfg.target_modules)}")
+        raise UserError(f"method.{target_error(model, cfg.target_modules, TARGET_KINDS)}")
+    _check_patterns(cfg, names)
     for name in names:
-        base = model.get_submodule(name)
-        replace_module(model, name, LoraLinear(base, cfg.r, lora_scale(cfg), cfg.dropout))
+        replace_module(model, name, wrap(model, name, cfg))
     return model
 
 
 def merge(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
+        if isinstance(module, (LoraLinear, LoraEmbedding)):
             replace_module(model, name, module.merged())
     return model
 
 
 METHOD = Method(
-    name="lora", summary="low-rank update B·A beside frozen linear layers", config_cls=LoraConfig,
-    inject=inject, merge=merge, paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models")
+    name="lora", summary="low-rank update B·A beside frozen layers (rsLoRA, DoRA, PiSSA options)",
+    config_cls=LoraConfig, inject=inject, merge=merge, validate=validate,
+    paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models; Liu et al. 2024, DoRA; "
+          "Meng et al. 2024, PiSSA")

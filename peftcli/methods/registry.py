@@ -34,6 +34,10 @@ class Method:
     callbacks: Callable[[object, nn.Module], list] | None = None  # (cfg, model) -> [TrainerCallback]
     extra_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None  # non-trainable state to save
     validate: Callable[[object], str | None] | None = None  # cross-field config checks -> error message
+    # Saved form of the tensors when it differs from the live one (e.g. a sparse diff as indices + values);
+    # unpack_state is its inverse, applied before loading.
+    pack_state: Callable[[nn.Module, dict], dict] | None = None
+    unpack_state: Callable[[nn.Module, dict], dict] | None = None
     paper: str = ""
 
     @property

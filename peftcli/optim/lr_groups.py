@@ -8,6 +8,7 @@ from torch import nn
 
 from ..methods.registry import layer_index, num_layers
 from ..recipe import OptimSection
+from .importance import importance_unit
 
 NO_DECAY = re.compile(r"(bias|norm|LayerNorm|layernorm|ln_\w+|\.ln\d?)(\.|$)|(^|\.)(bias)$")
 
@@ -48,9 +49,13 @@ def build_param_groups(model: nn.Module, rules: OptimSection, base_lr: float, we
             if re.search(rule.pattern, name):
                 decay = rule.weight_decay if rule.weight_decay is not None else decay
                 break
-        key = (round(scale, 12), decay, why)
+        # Importance scoring needs one group per scored unit (tensor / module / layer).
+        unit = importance_unit(name, rules.importance.granularity) if rules.importance else None
+        key = (round(scale, 12), decay, why, unit)
+        label = f"{why} x{scale:.4g} wd={decay:g}" + (f" [{unit}]" if unit else "")
         group = groups.setdefault(key, {"params": [], "param_names": [], "lr": base_lr * scale, "weight_decay": decay,
-                                        "lr_multiplier": scale, "name": f"{why} x{scale:.4g} wd={decay:g}"})
+                                        "lr_multiplier": scale, "lr_scale": 1.0, "importance_unit": unit,
+                                        "name": label})
         group["params"].append(param)
         group["param_names"].append(name)
     return list(groups.values())

@@ -1,0 +1,131 @@
+"""QLoRA (Dettmers et al. 2023): frozen base weights stored 4-bit NF4 (double-quantised) or 8-bit, LoRA on top.
+
+Quantisation is bitsandbytes' (the QLoRA authors' library; 0.50 runs its NF4/int8 kernels on CPU as well as
+CUDA). The base weight is quantised when the method is injected; the fp32 copy is dropped."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..schema import field
+from .lora import LoraConfig, lora_scale
+from .registry import Method, match_targets, replace_module, target_error
+
+logger = logging.getLogger("peftcli")
+# NF4 block size 64 and second-level (double quantisation) block 256: QLoRA Sec. 3.
+BLOCK_SIZE = 64
+
+
+@dataclasses.dataclass
+class QLoraConfig(LoraConfig):
+    bits: Literal[4, 8] = field(4, doc="base weight precision: 4 (NF4/FP4 blocks of 64) or 8 (int8 per row)")
+    quant_type: Literal["nf4", "fp4"] = field("nf4", doc="4-bit code: nf4 (QLoRA Sec. 3) or fp4")
+    double_quant: bool = field(True, doc="quantise the 4-bit block scales again to 8 bits (QLoRA Sec. 3)")
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional
+    except ImportError as exc:
+        raise UserError("method qlora needs bitsandbytes: pip install 'peftcli[qlora]' "
+                        "(or pip install bitsandbytes)") from exc
+    return bitsandbytes
+
+
+class QLoraLinear(nn.Module):
+    """A quantised frozen linear layer (non-persistent buffers, rebuilt from the base weights on inject) plus
+    fp32 `lora_A`/`lora_B`. Forward: bnb's k-bit matmul of x with the base, plus scale · dropout(x)·Aᵀ·Bᵀ."""
+
+    def __init__(self, base: nn.Linear, cfg: QLoraConfig):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.bits, self.dtype = cfg.bits, base.weight.dtype
+        device = base.weight.device
+        self.bias = base.bias
+        self.quant_state = None
+        if base.weight.is_meta:  # shape-only skeleton (recipe validation): nothing to quantise
+            self.register_buffer("qweight", torch.empty(0, device="meta"), persistent=False)
+            self.register_buffer("row_scale", None, persistent=False)
+        elif cfg.bits == 4:
+            qweight, self.quant_state = _bnb().functional.quantize_4bit(
+                base.weight.data, blocksize=BLOCK_SIZE, quant_type=cfg.quant_type,
+                compress_statistics=cfg.double_quant)
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("row_scale", None, persistent=False)
+        else:
+            qweight, row_scale, _ = _bnb().functional.int8_vectorwise_quant(base.weight.data)
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("row_scale", row_scale, persistent=False)
+        r = cfg.r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: the update starts at zero (LoRA Sec. 4.1)
+        self.scale, self.dropout = lora_scale(cfg), nn.Dropout(cfg.dropout)
+
+    def dequantized(self) -> torch.Tensor:
+        """The base weight as the forward pass sees it, in fp32."""
+        functional = _bnb().functional
+        if self.bits == 4:
+            return functional.dequantize_4bit(self.qweight, self._state(self.qweight.device)).float()
+        return functional.int8_vectorwise_dequant(self.qweight, self.row_scale).float()
+
+    def _state(self, device):
+        if self.quant_state.absmax.device != device:  # buffers moved by .to(); the QuantState object did not
+            self.quant_state = self.quant_state.to(device)
+        return self.quant_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.bits == 4:
+            state = self._state(x.device)
+            base = _bnb().matmul_4bit(x.to(self.dtype), self.qweight.t(), state, bias=bias).to(x.dtype)
+        else:
+            base = F.linear(x, self.dequantized().to(x.dtype), bias)
+        update = (self.dropout(x).to(torch.float32) @ self.lora_A.T) @ self.lora_B.T
+        return base + (update * self.scale).to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        """Dequantise, fold B·A in fp32, cast to the base dtype: the result carries the quantisation error."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.qweight.device, dtype=self.dtype)
+        with torch.no_grad():
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+            plain.weight.copy_((self.dequantized() + delta).to(self.dtype))
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, r={self.lora_A.shape[0]}"
+
+
+def inject(model: nn.Module, cfg: QLoraConfig) -> nn.Module:
+    names = match_targets(model, cfg.target_modules)
+    if not names:
+        raise UserError(f"method.{target_error(model, cfg.target_modules)}")
+    for name in names:
+        replace_module(model, name, QLoraLinear(model.get_submodule(name), cfg))
+    return model
+
+
+def merge(model: nn.Module, cfg: QLoraConfig) -> nn.Module:
+    logger.warning("qlora merge: the base weights are dequantised from %d-bit, so the merged model differs from "
+                   "the original base by the quantisation error (merging itself is fp32)", cfg.bits)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QLoraLinear):
+            replace_module(model, name, module.merged())
+    return model
+
+
+METHOD = Method(
+    name="qlora", summary="LoRA over 4-bit NF4 (double-quantised) or 8-bit frozen base weights (bitsandbytes)",
+    config_cls=QLoraConfig, inject=inject, merge=merge,
+    paper="Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs")

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Side-by-side training throughput: HF peft LoRA vs peftcli LoRA vs full fine-tuning, one JSON line each.
+
+Random-weight Llama (Llama-3.2-1B shapes, 1.24B params, tied embeddings), bf16 weights, one fixed random token
+batch, AdamW (fused on CUDA) over the trainable parameters only. Each variant runs in its own subprocess so peak
+memory is its own. FLOPs per token as ../shared/bench/hf_peft_baseline.py (PaLM convention, attention non-causal):
+full 6*N_mm + attn, LoRA 4*N_mm + 6*N_lora + attn; MFU = flops * tokens/s / peak (989.4 TFLOP/s bf16, H100 SXM).
+The `curve` variant trains HF peft and peftcli LoRA from the same initial adapter on the same batches and reports
+both loss curves. Usage:
+  python scripts/bench_throughput.py                 # H100 run: all variants, then the ratios
+  python scripts/bench_throughput.py --tiny --steps 2  # CPU smoke test (what CI runs)
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["hf-peft-lora", "full", "peftcli-lora-unfused", "peftcli-lora", "peftcli-lora-compile", "curve"]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess runs exactly one
+    for flag, default in (("--batch", 8), ("--seq", 2048), ("--warmup", 3), ("--steps", 10), ("--rank", 16),
+                          ("--alpha", 32), ("--chunk", 2048), ("--curve-steps", 30)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--peak-tflops", type=float, default=989.4)
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch, args.seq, args.warmup = min(args.batch, 2), min(args.seq, 32), min(args.warmup, 1)
+        args.curve_steps = min(args.curve_steps, 3)
+    return args
+
+
+def build_base(args, device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if args.tiny:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    else:  # Llama-3.2-1B shapes
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                          rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)
+    cfg.use_cache = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.train(), cfg
+
+
+def hf_peft(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=TARGETS)
+    return get_peft_model(model, cfg)  # adapters in fp32, peft's default
+
+
+def peftcli_lora(model, args, fused: bool):
+    from peftcli import runs
+    from peftcli.methods.lora import LoraConfig
+    from peftcli.speedups import use_fused_kernels
+
+    runs.prepare_model(model, "lora", LoraConfig(r=args.rank, alpha=args.alpha, target_modules=TARGETS))
+    if fused:
+        use_fused_kernels(model)
+    return model
+
+
+def peftcli_loss_fn(model, args, compiled: bool):
+    """Hidden states from the decoder, then the chunked loss against the (tied, frozen) lm_head weight."""
+    from peftcli.kernels import chunked_causal_lm_loss
+
+    decoder = torch.compile(model.model) if compiled else model.model
+
+    def loss_fn(x):
+        hidden = decoder(input_ids=x).last_hidden_state
+        return chunked_causal_lm_loss(hidden, model.lm_head.weight, x, chunk_tokens=args.chunk)
+    return loss_fn
+
+
+def make_variant(name, args, device):
+    """(model, loss_fn(x) -> scalar) for one variant."""
+    model, cfg = build_base(args, device)
+    if name == "hf-peft-lora":
+        model = hf_peft(model, args)
+    elif name.startswith("peftcli"):
+        model = peftcli_lora(model, args, fused=name != "peftcli-lora-unfused")
+        return model, cfg, peftcli_loss_fn(model, args, compiled=name.endswith("compile"))
+    else:  # full fine-tuning: every parameter trains
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model, cfg, lambda x: model(input_ids=x, labels=x).loss
+
+
+def count_flops(model, cfg, args, lora: bool):
+    n_mm = n_lora = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            if "lora_" in name:  # HF peft's adapters are nn.Linear children
+                n_lora += m.weight.numel()
+                continue
+            n_mm += m.weight.numel()
+            n_lora += sum(p.numel() for n, p in m.named_parameters(recurse=False) if n.startswith("lora_"))
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    attn = 12 * cfg.num_hidden_layers * args.seq * d_attn
+    return n_mm, n_lora, (4 * n_mm + 6 * n_lora + attn) if lora else (6 * n_mm + attn)
+
+
+def train_steps(loss_fn, opt, x, n, sync):
+    times, loss = [], None
+    for _ in range(n):
+        t = time.perf_counter()
+        loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, float(loss)
+
+
+def run_throughput(name, args, device):
+    model, cfg, loss_fn = make_variant(name, args, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device == "cuda")
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device,
+                      generator=torch.Generator(device).manual_seed(1))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    train_steps(loss_fn, opt, x, args.warmup, sync)
+    warm_s = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = train_steps(loss_fn, opt, x, args.steps, sync)
+    n_mm, n_lora, flops = count_flops(model, cfg, args, lora=name != "full")
+    tps = args.batch * args.seq * len(times) / sum(times)
+    gib = 2 ** 30
+    return {"variant": name, "batch": args.batch, "seq": args.seq, "measured_steps": len(times),
+            "tokens_per_s": round(tps, 1), "step_ms_median": round(1e3 * statistics.median(times), 2),
+            "warmup_s": round(warm_s, 2),
+            "peak_mem_alloc_gib": round(torch.cuda.max_memory_allocated() / gib, 3) if device == "cuda" else None,
+            "mfu": round(flops * tps / (args.peak_tflops * 1e12), 4), "model_flops_per_token": flops,
+            "n_matmul": n_mm, "n_lora": n_lora, "params_trainable": sum(p.numel() for p in params),
+            "final_loss": round(loss, 4), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+
+
+def run_curve(args, device):
+    """HF peft and peftcli LoRA from the same base and the same initial A (B = 0), same batches and optimiser."""
+    steps, batch, seq = args.curve_steps, max(1, args.batch // 4), max(16, args.seq // 2)
+    gen = torch.Generator(device).manual_seed(2)
+    model, cfg = build_base(args, device)
+    data = [torch.randint(0, cfg.vocab_size // 8, (batch, seq), device=device, generator=gen) for _ in range(4)]
+    peft_model = hf_peft(model, args)
+    init_a = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ".lora_A"): p.detach().clone()
+              for n, p in peft_model.named_parameters() if "lora_A" in n}
+    peft_losses = _curve(lambda x: peft_model(input_ids=x, labels=x).loss, peft_model, data, steps, device)
+    del peft_model, model
+    ours, _ = build_base(args, device)
+    peftcli_lora(ours, args, fused=True)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("lora_A"):
+                p.copy_(init_a[n])
+    ours_losses = _curve(peftcli_loss_fn(ours, args, compiled=False), ours, data, steps, device)
+    diff = [abs(a - b) for a, b in zip(peft_losses, ours_losses)]
+    return {"variant": "curve", "steps": steps, "batch": batch, "seq": seq, "hf_peft_loss": peft_losses,
+            "peftcli_loss": ours_losses, "max_abs_diff": round(max(diff), 5),
+            "max_rel_diff": round(max(d / abs(a) for d, a in zip(diff, peft_losses)), 5)}
+
+
+def _curve(loss_fn, model, data, steps, device):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0,
+                            fused=device == "cuda")
+    losses = []
+    for step in range(steps):
+        loss = loss_fn(data[step % len(data)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(float(loss), 5))
+    return losses
+
+
+def run_one(args):
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for HF peft's fp32 adapter matmuls, as the baseline
+    try:
+        return run_curve(args, device) if args.variant == "curve" else run_throughput(args.variant, args, device)
+    except torch.OutOfMemoryError as e:
+        return {"variant": args.variant, "error": "OOM", "detail": str(e)[:200]}
+
+
+def ratios(results):
+    by = {r["variant"]: r for r in results if "tokens_per_s" in r}
+    out = {"variant": "ratios"}
+    for ours in ("peftcli-lora", "peftcli-lora-unfused", "peftcli-lora-compile"):
+        for ref in ("hf-peft-lora", "full"):
+            if ours in by and ref in by:
+                out[f"{ours}/{ref} tokens_per_s"] = round(by[ours]["tokens_per_s"] / by[ref]["tokens_per_s"], 3)
+                a, b = by[ours]["peak_mem_alloc_gib"], by[ref]["peak_mem_alloc_gib"]
+                if a and b:
+                    out[f"{ours}/{ref} peak_mem"] = round(a / b, 3)
+    return out
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.variant:
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    results = []
+    for name in args.variants.split(","):
+        r = subprocess.run([sys.executable, __file__, *base, "--variant", name], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1]) if lines else {
+            "variant": name, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        results.append(result)
+        _emit(result, args.out)
+    _emit(ratios(results), args.out)
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+def _emit(record, path):
+    line = json.dumps(record)
+    print(line, flush=True)
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
