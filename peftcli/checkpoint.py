@@ -197,8 +197,11 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def recipe_sha256(raw: dict) -> str:
-    """Identity of a resolved recipe: a checkpoint resumes only under the recipe that wrote it."""
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    """Identity of a resolved recipe: a checkpoint resumes only under the recipe that wrote it. The output_dir is
+    left out: moving a run directory does not change what it trains."""
+    train = {k: v for k, v in (raw.get("train") or {}).items() if k != "output_dir"}
+    text = json.dumps({**raw, "train": train}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def world_size() -> int:

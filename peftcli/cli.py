@@ -67,25 +67,67 @@ def train(
     typer.echo(f"run saved to {out}")
 
 
+# Generation options shared by `peft eval` (causal-LM generation metrics) and `peft generate`.
+MaxNewTokens = Annotated[Optional[int], typer.Option(min=1, help="tokens generated per prompt "
+                                                                 "(default: the recipe's eval.max_new_tokens)")]
+Sample = Annotated[bool, typer.Option("--sample/--greedy", help="sample instead of greedy decoding")]
+Temperature = Annotated[float, typer.Option(min=0.01, help="sampling temperature")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="sampling nucleus (top-p)")]
+TopK = Annotated[int, typer.Option(min=0, help="sampling top-k (0: off)")]
+Seed = Annotated[int, typer.Option(help="sampling seed")]
+Checkpoint = Annotated[Optional[str], typer.Option(help="N (checkpoint-N of the run) or best")]
+Base = Annotated[bool, typer.Option(help="TARGET is a recipe (or run): use its base model without the method")]
+
+
 @app.command("eval")
 @cli_errors
 def eval_(
-    run_dir: Annotated[str, typer.Argument(help="run directory made by `peft train`")],
+    target: Annotated[str, typer.Argument(help="run directory made by `peft train` (a recipe with --base)")],
     data: Annotated[Optional[str], typer.Option(help="evaluate on this data instead of the recipe's eval data")] = None,
     split: Annotated[str, typer.Option(help="eval | train: which of the recipe's splits")] = "eval",
+    checkpoint: Checkpoint = None,
+    base: Base = False,
+    predictions: Annotated[Optional[str], typer.Option(help="write one JSON line per example here")] = None,
+    report: Annotated[Optional[str], typer.Option(help="folder for metrics.json, per_class.json and "
+                                                       "confusion_matrix.png")] = None,
+    generate: Annotated[bool, typer.Option(help="causal LM: generate responses and score them")] = False,
+    max_new_tokens: MaxNewTokens = None, sample: Sample = False, temperature: Temperature = 1.0, top_p: TopP = 1.0,
+    top_k: TopK = 50, seed: Seed = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON line last")] = False,
 ):
-    """Score a trained run with its task's metrics."""
+    """Score a run (its final weights, a checkpoint, or its base model) with its task's metrics."""
     from . import commands
+    from .generation import GenerationSettings
 
     if split not in ("eval", "train"):
         raise UserError(f"--split {split!r}: use eval or train")
-    metrics = commands.evaluate(run_dir, data, split)
+    settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed)
+    metrics = commands.evaluate(target, data, split, checkpoint=checkpoint, base=base, predictions=predictions,
+                                report=report, generate=generate, settings=settings)
+    if predictions:
+        typer.echo(f"predictions written to {predictions}", err=as_json)
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
         for name, value in metrics.items():
             typer.echo(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+
+
+@app.command()
+@cli_errors
+def generate(
+    target: Annotated[str, typer.Argument(help="causal-LM run directory (a recipe with --base)")],
+    prompt: Annotated[str, typer.Option(help="the user message (the chat template is applied when there is one)")],
+    checkpoint: Checkpoint = None,
+    base: Base = False,
+    max_new_tokens: MaxNewTokens = None, sample: Sample = False, temperature: Temperature = 1.0, top_p: TopP = 1.0,
+    top_k: TopK = 50, seed: Seed = 0,
+):
+    """Print a causal-LM run's completion of PROMPT."""
+    from .generation import GenerationSettings, generate_text
+
+    settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed)
+    typer.echo(generate_text(target, prompt, settings, base, checkpoint))
 
 
 @app.command("merge-export")
@@ -103,6 +145,25 @@ def merge_export(
         raise UserError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     target = commands.merge_export(run_dir, out, dtype, overwrite)
     typer.echo(f"merged model written to {target}")
+
+
+@app.command()
+@cli_errors
+def export(
+    run_dir: Annotated[str, typer.Argument(help="run directory made by `peft train`")],
+    out: Annotated[str, typer.Option(help="folder for the exported adapter")],
+    format_: Annotated[str, typer.Option("--format", help="peft: HF peft adapter folder (lora, ia3, vera) | "
+                                                          "tensors: raw trained tensors + method.json (any method)")]
+    = "peft",
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
+):
+    """Write a run's adapter for other tools: HF peft's layout, or its raw tensors."""
+    from .export import FORMATS, export as export_run
+
+    if format_ not in FORMATS:
+        raise UserError(f"--format {format_!r}: use {' or '.join(FORMATS)}")
+    target = export_run(run_dir, out, format_, overwrite)
+    typer.echo(f"{format_} adapter written to {target}")
 
 
 @app.command()
@@ -156,6 +217,19 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     for row in rows:
         merge = "mergeable" if row["mergeable"] else "not mergeable"
         typer.echo(f"{row['name']:<18} {merge:<14} {row['summary']}  [{', '.join(row['tasks'])}]")
+
+
+@app.command()
+@cli_errors
+def compare(
+    run_dirs: Annotated[list[str], typer.Argument(help="finished run directories (seeds of one method are grouped)")],
+    out: Annotated[Optional[str], typer.Option(help="write OUT.md, OUT.csv, OUT.json and OUT.png")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="metric to plot")] = None,
+):
+    """Compare finished runs: metric mean ± std over seeds, trainable parameters, time, throughput, memory."""
+    from .compare import compare as build
+
+    typer.echo(build(run_dirs, out, metric), nl=False)
 
 
 def main() -> None:

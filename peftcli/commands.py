@@ -15,9 +15,10 @@ from . import runs
 from .data import load_splits
 from .errors import UserError
 from .methods import METHODS, get_method
-from .metrics import DEFAULT_METRICS, check_metrics, lm_metrics, make_compute_metrics
+from .metrics import DEFAULT_METRICS, check_metrics, make_compute_metrics
 from .recipe import Recipe, load_recipe
 from .tasks import Prepared, make_collator, prepare
+from .training_eval import check_training_eval, training_callbacks, training_eval_args
 
 logger = logging.getLogger("peftcli")
 
@@ -43,14 +44,27 @@ def plan(recipe: Recipe) -> Plan:
     data = prepare(recipe.model.task, tokenizer, recipe.data, recipe.model, train_rows, eval_rows)
     for reason, count in data.dropped.items():
         logger.warning("dropped %d rows: %s", count, reason)
+    check_enough_rows(recipe, len(data.train))
     num_labels = len(data.labels) if data.labels else (1 if recipe.model.num_labels == 1 else None)
     regression = num_labels == 1
     default_key = "regression" if regression else recipe.model.task
     metrics = recipe.eval.metrics or DEFAULT_METRICS[default_key]
     check_metrics(metrics, recipe.model.task, regression)
+    check_training_eval(recipe, metrics, data.labels, data.eval is not None)
     skeleton = build_skeleton(recipe.model, num_labels, data.labels)
     runs.prepare_model(skeleton, recipe.method_name, recipe.method)
     return Plan(recipe, tokenizer, data, num_labels, metrics)
+
+
+def check_enough_rows(recipe: Recipe, rows: int) -> None:
+    from .checkpoint import world_size
+
+    batch = (recipe.train.get("per_device_train_batch_size", 8) * recipe.train.get("gradient_accumulation_steps", 1)
+             * world_size())
+    if rows < batch:
+        raise UserError(f"data.train: {rows} examples are fewer than one global batch of {batch} (batch size x "
+                        f"gradient_accumulation_steps x processes); add data or lower "
+                        f"train.per_device_train_batch_size")
 
 
 def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
@@ -103,7 +117,7 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     train_with_stops(trainer, resume_from, resume_command, recipe.data.max_length)
     seconds = time.time() - started
     runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record)
-    metrics = final_metrics(trainer, the_plan) if the_plan.data.eval else {}
+    metrics = final_metrics(trainer, the_plan, report_dir=out) if the_plan.data.eval else {}
     finish_run(trainer, recipe, record, metrics, seconds, out)
     return out
 
@@ -117,30 +131,34 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
     kwargs = {"report_to": "none", "logging_steps": 10, "save_strategy": "no", "eval_strategy": "no",
               "per_device_eval_batch_size": recipe.eval.batch_size, "remove_unused_columns": False,
               "label_names": ["labels"], "dataloader_num_workers": 0,
-              "dataloader_pin_memory": torch.cuda.is_available(), **recipe.train, **extra_args}
+              "dataloader_pin_memory": torch.cuda.is_available(), **recipe.train,
+              **training_eval_args(recipe), **extra_args}
     kwargs["output_dir"] = str(out)
     args = TrainingArguments(**kwargs)
     method = get_method(recipe.method_name)
     callbacks = [JsonlLogCallback(str(out / "log.jsonl"))]
     if method.callbacks:
         callbacks += method.callbacks(recipe.method, model)
+    callbacks += training_callbacks(recipe)
     return PeftTrainer(
         model=model, args=args, train_dataset=the_plan.data.train, eval_dataset=the_plan.data.eval,
-        data_collator=make_collator(recipe.model.task, the_plan.tokenizer), processing_class=the_plan.tokenizer,
-        compute_metrics=make_compute_metrics(recipe.model.task, the_plan.metrics, the_plan.num_labels),
+        data_collator=make_collator(recipe.model.task, the_plan.tokenizer, packing=recipe.data.packing),
+        processing_class=the_plan.tokenizer,
+        compute_metrics=make_compute_metrics(recipe.model.task, the_plan.metrics, the_plan.num_labels,
+                                             the_plan.data.labels),
         callbacks=callbacks, optim_rules=recipe.optim, recipe_sha256=recipe_sha256,
         save_trained=lambda m, d: runs.save_trained(m, d, record))
 
 
-def final_metrics(trainer, the_plan: Plan) -> dict:
-    raw = trainer.evaluate()
-    if the_plan.recipe.model.task == "causal-lm":
-        return lm_metrics(raw["eval_loss"])
-    return {k[len("eval_"):]: v for k, v in raw.items() if k[len("eval_"):] in the_plan.metrics}
+def final_metrics(trainer, the_plan: Plan, report_dir: Path | None = None) -> dict:
+    """The recipe's metrics on its eval data; with report_dir, per_class.json + confusion_matrix.png there."""
+    from .evaluation import final_scores
+
+    return final_scores(trainer, the_plan, report_dir)
 
 
 def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: float, out: Path) -> None:
-    from .report import model_card, plot_loss
+    from .report import model_card, plot_loss, run_info
 
     if not trainer.is_world_process_zero():
         return
@@ -148,29 +166,16 @@ def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: fl
     runs.atomic_write(out / "trainer_state.json", json.dumps(dataclasses.asdict(trainer.state), indent=2,
                                                              default=str))
     plot_loss(trainer.state.log_history, out / "loss.png")
+    info = run_info(trainer.state.log_history, seconds, len(trainer.train_dataset))
+    runs.atomic_write(out / "run_info.json", json.dumps(info, indent=2))
     runs.atomic_write(out / "README.md", model_card(recipe.raw, record, metrics, seconds))
 
 
-def evaluate(run_dir: str, data: str | None = None, split: str = "eval") -> dict:
-    recipe, record, model, tokenizer = runs.load_trained(run_dir)
-    section = recipe.data
-    if data:  # a user-named file is scored whole
-        section = dataclasses.replace(section, eval=data, eval_fraction=None, limit={})
-    elif split == "train":
-        section = dataclasses.replace(section, eval=section.train, eval_fraction=None,
-                                      limit={"eval": section.limit["train"]} if "train" in section.limit else {})
-    if not (section.eval or section.eval_fraction):
-        raise UserError(f"{run_dir}: the recipe has no eval data; pass --data PATH")
-    eval_rows = load_splits(section, recipe.train.get("seed", 42))[1]
-    prepared = prepare(recipe.model.task, tokenizer, section, recipe.model, eval_rows, None,
-                       labels=record.get("labels"))  # the eval rows, encoded with the run's label order
-    num_labels = record.get("num_labels")
-    metrics = recipe.eval.metrics or DEFAULT_METRICS["regression" if num_labels == 1 else recipe.model.task]
-    the_plan = Plan(recipe, tokenizer, Prepared(prepared.train[:1], prepared.train, prepared.labels, {}),
-                    num_labels, metrics)
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(the_plan, model, Path(scratch), record)
-        return final_metrics(trainer, the_plan)
+def evaluate(run_dir: str, data: str | None = None, split: str = "eval", **options) -> dict:
+    """Metrics of a run (see evaluation.EvalOptions for checkpoints, --base, predictions and generation)."""
+    from .evaluation import EvalOptions, evaluate as evaluate_target
+
+    return evaluate_target(run_dir, EvalOptions(data=data, split=split, **options))
 
 
 def merge_export(run_dir: str, out: str, dtype: str = "float32", overwrite: bool = False) -> Path:

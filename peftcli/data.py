@@ -21,6 +21,10 @@ csv.field_size_limit(MAX_LINE_BYTES)
 def load_rows(spec: str, section: DataSection, split: str) -> list[dict]:
     """All rows of one split. `split` is "train" or "eval" and only names the recipe key in messages."""
     key = f"data.{split}"
+    from .image_data import folder_rows, is_image_folder
+
+    if not spec.startswith("hub:") and is_image_folder(spec):
+        return folder_rows(spec, key)
     if spec.startswith("hub:"):
         return _load_hub(spec[4:], key, split)
     files = _resolve_files(spec, key, split)

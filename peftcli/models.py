@@ -121,6 +121,11 @@ def build_skeleton(model: ModelSection, num_labels: int | None = None, labels: l
 def load_tokenizer(model: ModelSection):
     from transformers import AutoTokenizer
 
+    if model.task == "image-classification":  # images need a pixel pipeline, not a tokenizer
+        from .image_data import ImageInputs
+
+        return ImageInputs.for_model(model)
+
     path = resolve_model_path(model.name_or_path)
     kwargs = dict(revision=model.revision, trust_remote_code=model.trust_remote_code)
     if model.gguf_file:

@@ -42,6 +42,7 @@ class DataSection:
     text: str = field("text", doc="text column (classification, plain-text LM)")
     text_pair: str | None = field(None, doc="second text column for sentence pairs")
     label: str = field("label", doc="label column (classification)")
+    image: str = field("image", doc="image column (image classification: a path, bytes or {bytes, path})")
     tokens: str = field("tokens", doc="token column (token classification)")
     tags: str = field("tags", doc="tag column (token classification)")
     prompt: str | None = field(None, doc="prompt column (causal-lm prompt/response data)")
@@ -108,6 +109,10 @@ class OptimSection:
 class EvalSection:
     metrics: list[str] | None = field(None, doc="metric names; default depends on the task")
     batch_size: int = field(64, check=positive, doc="evaluation batch size")
+    early_stopping_patience: int | None = field(None, check=positive, doc="stop after this many evaluations "
+                                                "without improving train.metric_for_best_model")
+    early_stopping_threshold: float = field(0.0, check=non_negative, doc="smallest change that counts as improving")
+    max_new_tokens: int = field(64, check=positive, doc="causal-lm generation metrics: tokens generated per prompt")
 
 
 @dataclasses.dataclass
@@ -130,7 +135,8 @@ class Recipe:
 SECTIONS = {"model": ModelSection, "data": DataSection, "method": None, "train": None, "optim": OptimSection,
             "eval": EvalSection}
 _INTERP = re.compile(r"\$\{([^}]*)\}")
-SECRET_KEY = re.compile(r"(token|api_key|apikey|password|secret)", re.I)
+# Whole name parts only: hub_token / HF_TOKEN / WANDB_API_KEY are secrets, average_tokens_across_devices is not.
+SECRET_KEY = re.compile(r"(?:^|_)(?:token|api_key|apikey|password|secret)(?:$|_)", re.I)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
@@ -162,7 +168,7 @@ def recipe_from_dict(data, source: str, recipe_dir: Path, overrides=(), output_d
     eval_section = build(EvalSection, data.get("eval"), root.child("eval", data))
     check_model_safety(model, root.child("model", data))
     raw = plain(data)
-    raw.setdefault("train", {})["output_dir"] = train["output_dir"]
+    raw["train"] = {**(raw.get("train") or {}), "output_dir": train["output_dir"]}  # `train:` may be empty
     return Recipe(source, raw, model, data_section, method_name, method_cfg, train, optim, eval_section)
 
 
@@ -212,6 +218,9 @@ def build_train(section, where: Where, source: str) -> dict:
             if message:
                 raise where.child(key, section).error(message)
     out.setdefault("output_dir", str(Path("runs") / Path(source).stem))
+    if not isinstance(out["output_dir"], str) or not out["output_dir"].strip():
+        raise where.child("output_dir", section).error(
+            f"expected a folder path, got {out['output_dir']!r}; e.g. output_dir: runs/my-run")
     return out
 
 
@@ -240,6 +249,9 @@ def interpolate(value, where: Where, recipe_dir: Path):
         if expr.startswith("env:"):
             name, _, default = expr[4:].partition(",")
             name = name.strip()
+            if SECRET_KEY.search(name):
+                raise where.error(f"${{env:{name}}} would copy a secret into the recipe saved with the run; leave "
+                                  f"{name} in the environment, where the libraries read it")
             if name not in os.environ and not _:
                 raise where.error(f"environment variable {name} is not set (write ${{env:{name},default}} "
                                   f"to give a default)")

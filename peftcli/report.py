@@ -72,3 +72,26 @@ peft merge-export {raw_recipe['train']['output_dir']} --out {raw_recipe['train']
 {json.dumps(record, indent=2)}
 ```
 """
+
+
+def run_info(log_history: list[dict], seconds: float, num_examples: int) -> dict:
+    """Cost figures of a run for results tables: time, throughput, peak memory and the hardware."""
+    import platform
+
+    import torch
+    import transformers
+
+    summary = next((h for h in reversed(log_history) if "train_runtime" in h), {})
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {"train_seconds": round(seconds, 2), "train_examples": num_examples,
+            "train_samples_per_second": summary.get("train_samples_per_second"),
+            "peak_memory_mib": round(peak_mib, 1), "peak_memory_kind": "cuda allocated" if torch.cuda.is_available()
+            else "process max RSS", "device": device, "torch": torch.__version__,
+            "transformers": transformers.__version__}

@@ -52,7 +52,9 @@ class CheckpointingMixin:
         if main:
             final = checkpoint.commit(staging, step, self.args.world_size, self.recipe_sha256)
             checkpoint.maybe_kill("before_rotate", step)
-            for path in checkpoint.rotate(run_dir, self.args.save_total_limit, keep={final}):
+            best = self.state.best_model_checkpoint  # load_best_model_at_end needs it to survive rotation
+            keep = {final} | ({Path(best)} if best else set())
+            for path in checkpoint.rotate(run_dir, self.args.save_total_limit, keep=keep):
                 logger.info("removed old checkpoint %s (save_total_limit=%s)", path.name, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 

@@ -92,6 +92,8 @@ def convert(value: Any, annotation, where: Where):
                 return convert(value, arg, where)
             except UserError as exc:
                 errors.append(exc)
+        if len(errors) == 1 and dataclasses.is_dataclass(args[0]) and isinstance(value, dict):
+            raise errors[0]  # an optional section: its own message names the inner key
         raise where.error(f"expected {_describe(annotation)}, got {_type_name(value)} {value!r}")
     if origin is Literal:
         if value not in args:

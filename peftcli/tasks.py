@@ -40,6 +40,9 @@ def infer_labels(rows: list[dict], column: str, model: ModelSection) -> list[str
 def prepare(task: str, tokenizer, section: DataSection, model: ModelSection, train: list[dict],
             evaluation: list[dict] | None, labels: list[str] | None = None) -> Prepared:
     """Tokenise both splits. `labels` fixes the label order (from a finished run) instead of inferring it."""
+    if section.packing and task != "causal-lm":
+        raise UserError(f"data.packing: padding-free packing is for causal-lm SFT; task '{task}' pads each batch "
+                        f"(use train.train_sampling_strategy: group_by_length to cut padding instead)")
     if task == "sequence-classification":
         require_columns(train, [section.text, section.label] + ([section.text_pair] if section.text_pair else []),
                         "data.train")
@@ -54,6 +57,12 @@ def prepare(task: str, tokenizer, section: DataSection, model: ModelSection, tra
 
         encode = lambda rows, key: encode_causal_lm(rows, key, tokenizer, section)  # noqa: E731
         labels = None
+    elif task == "image-classification":
+        from .image_data import encode_images
+
+        require_columns(train, [section.image, section.label], "data.train")
+        labels = labels if labels is not None else infer_labels(train, section.label, model)
+        encode = lambda rows, key: encode_images(rows, key, section.image, section.label, labels)  # noqa: E731
     else:
         raise UserError(f"model.task: '{task}' has no data pipeline yet; supported: sequence-classification, "
                         f"token-classification, causal-lm")
@@ -119,13 +128,19 @@ def _encode_tokens(rows, key, tokenizer, section: DataSection, labels):
     return features
 
 
-def make_collator(task: str, tokenizer, pad_to_multiple_of: int | None = None):
+def make_collator(task: str, tokenizer, pad_to_multiple_of: int | None = None, packing: bool = False):
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
+    if packing:  # recipe validation allows it for causal-lm only
+        return PackedCausalLMCollator()
     if task == "sequence-classification":
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     if task == "token-classification":
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    if task == "image-classification":
+        from .image_data import ImageCollator
+
+        return ImageCollator(tokenizer)  # for images, `tokenizer` is image_data.ImageInputs
     return CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of)
 
 
@@ -147,6 +162,27 @@ class CausalLMCollator:
             batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class PackedCausalLMCollator:
+    """Padding-free packing: the batch's examples laid end to end in one row, no padding at all.
+
+    position_ids restart at 0 for each example; with no attention_mask, transformers reads the restarts as
+    sequence boundaries (block-diagonal mask for eager/sdpa, varlen kernels for flash attention), so no token
+    attends across examples. Each example's first label becomes IGNORE: it would otherwise be the target of
+    the previous example's last token. The unpadded batch never scores that position either (labels shift by
+    one), so the loss and the Trainer's token count equal the padded batch's.
+    """
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for f in features:
+            ids += list(f["input_ids"])
+            labels += [IGNORE] + list(f["labels"])[1:]
+            positions += range(len(f["input_ids"]))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
 
 
 def _as_list(value):

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .optim.importance import ScaledLambdaLR, scaled_scheduler
 from .optim.importance_callback import ImportanceCallback
 from .optim.lr_groups import build_param_groups, describe_groups
 from .recipe import OptimSection
 from .resilience import CheckpointingMixin
+from .runs import TENSORS, load_tensors_into
 
 logger = logging.getLogger("peftcli")
 
@@ -86,6 +89,23 @@ class PeftTrainer(CheckpointingMixin, Trainer):
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.save_trained(model, output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The Trainer records best_model_checkpoint inside its own _save_checkpoint, which CheckpointingMixin
+        # replaces: record it here, before the save, so the checkpoint's state and its rotation both know it.
+        best = self.state.best_global_step
+        if best:
+            path = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{best}"
+            if best == self.state.global_step or path.is_dir():
+                self.state.best_model_checkpoint = str(path)
+        super()._save_checkpoint(model, trial)
+
+    def _load_best_model(self) -> None:
+        """The Trainer looks for full model weights; our checkpoints hold only the trained tensors."""
+        path = Path(self.state.best_model_checkpoint) / TENSORS
+        logger.info("loading the best checkpoint %s (%s %s)", path.parent.name, self.args.metric_for_best_model,
+                    self.state.best_metric)
+        load_tensors_into(self.accelerator.unwrap_model(self.model), path)
 
 
 class JsonlLogCallback(TrainerCallback):

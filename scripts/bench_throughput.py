@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["hf-peft-lora", "full", "peftcli-lora-unfused", "peftcli-lora", "peftcli-lora-compile", "curve"]
+VARIANTS = ["hf-peft-lora", "full", "peftcli-lora-unfused", "peftcli-lora", "peftcli-lora-cudnn",
+            "peftcli-lora-compile", "peftcli-lora-cudnn-compile", "curve"]
 
 
 def parse(argv=None):
@@ -61,12 +62,12 @@ def build_base(args, device):
     return model.train(), cfg
 
 
-def hf_peft(model, args):
+def hf_peft(model, args, adapter_fp32=True):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                      target_modules=TARGETS)
-    return get_peft_model(model, cfg)  # adapters in fp32, peft's default
+    return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)  # fp32 adapters: peft's default
 
 
 def peftcli_lora(model, args, fused: bool):
@@ -98,7 +99,8 @@ def make_variant(name, args, device):
     if name == "hf-peft-lora":
         model = hf_peft(model, args)
     elif name.startswith("peftcli"):
-        model = peftcli_lora(model, args, fused=name != "peftcli-lora-unfused")
+        # The compile variants leave norm/MLP fusion to inductor (custom kernels would split its graphs).
+        model = peftcli_lora(model, args, fused="unfused" not in name and "compile" not in name)
         return model, cfg, peftcli_loss_fn(model, args, compiled=name.endswith("compile"))
     else:  # full fine-tuning: every parameter trains
         for p in model.parameters():
@@ -133,6 +135,18 @@ def train_steps(loss_fn, opt, x, n, sync):
     return times, float(loss)
 
 
+def sdpa_backends(name, device):
+    """`*-cudnn*` variants put SDPA's cuDNN attention first (faster than the default flash backend on Hopper)."""
+    from contextlib import nullcontext
+
+    if "cudnn" not in name or device != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def run_throughput(name, args, device):
     model, cfg, loss_fn = make_variant(name, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,11 +155,13 @@ def run_throughput(name, args, device):
                       generator=torch.Generator(device).manual_seed(1))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    train_steps(loss_fn, opt, x, args.warmup, sync)
+    with sdpa_backends(name, device):  # compile traces the backend choice during warm-up
+        train_steps(loss_fn, opt, x, args.warmup, sync)
     warm_s = time.perf_counter() - t0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, loss = train_steps(loss_fn, opt, x, args.steps, sync)
+    with sdpa_backends(name, device):
+        times, loss = train_steps(loss_fn, opt, x, args.steps, sync)
     n_mm, n_lora, flops = count_flops(model, cfg, args, lora=name != "full")
     tps = args.batch * args.seq * len(times) / sum(times)
     gib = 2 ** 30
@@ -160,7 +176,8 @@ def run_throughput(name, args, device):
 
 
 def run_curve(args, device):
-    """HF peft and peftcli LoRA from the same base and the same initial A (B = 0), same batches and optimiser."""
+    """HF peft and peftcli LoRA from the same base and the same initial A (B = 0), same batches and optimiser.
+    HF peft with bf16 adapters from the same init gives the size of bf16 noise to compare the gap against."""
     steps, batch, seq = args.curve_steps, max(1, args.batch // 4), max(16, args.seq // 2)
     gen = torch.Generator(device).manual_seed(2)
     model, cfg = build_base(args, device)
@@ -168,19 +185,31 @@ def run_curve(args, device):
     peft_model = hf_peft(model, args)
     init_a = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ".lora_A"): p.detach().clone()
               for n, p in peft_model.named_parameters() if "lora_A" in n}
-    peft_losses = _curve(lambda x: peft_model(input_ids=x, labels=x).loss, peft_model, data, steps, device)
+    curves = {"hf_peft": _curve(lambda x: peft_model(input_ids=x, labels=x).loss, peft_model, data, steps, device)}
     del peft_model, model
-    ours, _ = build_base(args, device)
-    peftcli_lora(ours, args, fused=True)
+    peft_bf16 = hf_peft(build_base(args, device)[0], args, adapter_fp32=False)
+    _load_init(peft_bf16, {f"base_model.model.{k[:-len('.lora_A')]}.lora_A.default.weight": v
+                           for k, v in init_a.items()})
+    curves["hf_peft_bf16_adapters"] = _curve(lambda x: peft_bf16(input_ids=x, labels=x).loss, peft_bf16, data,
+                                             steps, device)
+    del peft_bf16
+    ours = peftcli_lora(build_base(args, device)[0], args, fused=True)
+    _load_init(ours, init_a)
+    curves["peftcli"] = _curve(peftcli_loss_fn(ours, args, compiled=False), ours, data, steps, device)
+    ref = curves["hf_peft"]
+    out = {"variant": "curve", "steps": steps, "batch": batch, "seq": seq, **{f"{k}_loss": v for k, v in curves.items()}}
+    for key in ("peftcli", "hf_peft_bf16_adapters"):
+        diff = [abs(a - b) for a, b in zip(ref, curves[key])]
+        out[f"{key}_max_abs_diff"] = round(max(diff), 5)
+        out[f"{key}_max_rel_diff"] = round(max(d / abs(a) for d, a in zip(diff, ref)), 5)
+    return out
+
+
+def _load_init(model, tensors):
     with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if n.endswith("lora_A"):
-                p.copy_(init_a[n])
-    ours_losses = _curve(peftcli_loss_fn(ours, args, compiled=False), ours, data, steps, device)
-    diff = [abs(a - b) for a, b in zip(peft_losses, ours_losses)]
-    return {"variant": "curve", "steps": steps, "batch": batch, "seq": seq, "hf_peft_loss": peft_losses,
-            "peftcli_loss": ours_losses, "max_abs_diff": round(max(diff), 5),
-            "max_rel_diff": round(max(d / abs(a) for d, a in zip(diff, peft_losses)), 5)}
+        for n, p in model.named_parameters():
+            if n in tensors:
+                p.copy_(tensors[n])
 
 
 def _curve(loss_fn, model, data, steps, device):
@@ -209,7 +238,7 @@ def run_one(args):
 def ratios(results):
     by = {r["variant"]: r for r in results if "tokens_per_s" in r}
     out = {"variant": "ratios"}
-    for ours in ("peftcli-lora", "peftcli-lora-unfused", "peftcli-lora-compile"):
+    for ours in [v for v in VARIANTS if v.startswith("peftcli")]:
         for ref in ("hf-peft-lora", "full"):
             if ours in by and ref in by:
                 out[f"{ours}/{ref} tokens_per_s"] = round(by[ours]["tokens_per_s"] / by[ref]["tokens_per_s"], 3)

@@ -10,6 +10,8 @@ from peftcli.methods import METHODS
 from peftcli.methods.registry import HEAD_NAMES
 from peftcli.models import auto_class
 
+from method_configs import lifecycle_config
+
 TASKS = ("sequence-classification", "causal-lm")
 CASES = [(name, task) for name, m in METHODS.items() for task in TASKS if task in m.tasks]
 
@@ -44,7 +46,7 @@ def perturb(model):
 @pytest.mark.parametrize("name,task", CASES, ids=[f"{n}-{t}" for n, t in CASES])
 def test_method_lifecycle(name, task, tiny_models, tmp_path):
     method = METHODS[name]
-    cfg = method.config_cls()
+    cfg = lifecycle_config(name, method, tiny_models[task], task, tmp_path)
     folder = tiny_models[task]
     base_out = outputs(load_base(folder, task), sample_inputs(task))
     model = runs.prepare_model(load_base(folder, task), name, cfg)

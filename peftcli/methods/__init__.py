@@ -16,14 +16,16 @@ from . import adalora, diff_pruning, glora, qlora, svd  # noqa: E402
 
 _REPARAM_B: list[Method] = [adalora.METHOD, glora.METHOD, diff_pruning.METHOD, qlora.METHOD, svd.METHOD]
 # -- additive: bottleneck adapters and friends (issue 8) --
-from . import adamix, adapter, parallel_adapter  # noqa: E402
+from . import adamix, adapter, adapter_fusion, lst, mam, parallel_adapter, unipelt  # noqa: E402
 
 _ADDITIVE: list[Method] = [adapter.METHOD, adapter.DROP_METHOD, parallel_adapter.METHOD,
-                            parallel_adapter.ADAPTFORMER, adamix.METHOD, adamix.LORA_METHOD]
+                            parallel_adapter.ADAPTFORMER, adamix.METHOD, adamix.LORA_METHOD,
+                            adapter_fusion.METHOD, lst.METHOD, mam.METHOD, unipelt.METHOD]
 # -- prompt methods (issue 9) --
-from . import prefix_tuning  # noqa: E402
+from . import p_tuning, p_tuning_v2, prefix_tuning, prompt_tuning, trigger_tokens, vpt  # noqa: E402
 
-_PROMPT: list[Method] = [prefix_tuning.METHOD]
+_PROMPT: list[Method] = [prefix_tuning.METHOD, prompt_tuning.METHOD, trigger_tokens.METHOD, p_tuning.METHOD,
+                         p_tuning_v2.METHOD, vpt.METHOD]
 # -- selective / training-time methods (issue 7) --
 _SELECTIVE: list[Method] = []
 

@@ -92,7 +92,7 @@ def _check_embedding(model: nn.Module, name: str, cfg: LoraConfig) -> None:
         raise UserError(f"method.target_modules: {name} is an embedding; {option} applies to linear layers only: "
                         f"drop the embedding from target_modules")
     weight = model.get_submodule(name).weight
-    if sum(p is weight for p in model.parameters(remove_duplicate=False)) > 1:
+    if sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
         raise UserError(f"method.target_modules: {name} shares its weight with the output layer (tied "
                         f"embeddings), so its update could not be merged; drop it from target_modules")
 

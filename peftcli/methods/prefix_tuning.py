@@ -10,7 +10,6 @@ from ..schema import field, positive
 from .prefix import PrefixSource, install_prefix, kv_geometry, split_states
 from .registry import Method
 
-# Task heads and prompt modules are new; all other weights stay frozen.
 MERGE_HINT = ("the prefixes are extra keys and values, not a change to any weight, so there is nothing to fold; "
               "run the adapter with the run directory, or write the prefixes with `peft export`")
 
@@ -26,20 +25,20 @@ class PrefixEncoder(PrefixSource):
     """P prefix embeddings -> MLP -> keys and values for every layer. `prefix_kv` holds the plain prefixes the MLP
     produces, refreshed at every save, so they can be used or exported without the MLP."""
 
-    def __init__(self, model: nn.Module, cfg: PrefixTuningConfig):
+    def __init__(self, model: nn.Module, tokens: int, encoder_hidden_size: int | None):
         super().__init__()
         self.layers, self.kv_heads, self.head_dim = kv_geometry(model)
-        self.num_tokens = cfg.num_virtual_tokens
+        self.num_tokens = tokens
         width = self.layers * 2 * self.kv_heads * self.head_dim
         device = model.get_input_embeddings().weight.device
         hidden = model.config.get_text_config().hidden_size
-        self.reparameterize = cfg.reparameterize
-        if cfg.reparameterize:
+        self.reparameterize = encoder_hidden_size is not None
+        if self.reparameterize:
             self.prefix_tokens = nn.Parameter(torch.randn(self.num_tokens, hidden, device=device) * 0.02)
             # Li & Liang 2021, Sec. 4.3: P = MLP(P'), a smaller P' plus a large feed-forward network; training the
             # prefixes directly is unstable.
-            self.prefix_mlp = nn.Sequential(nn.Linear(hidden, cfg.encoder_hidden_size, device=device), nn.Tanh(),
-                                            nn.Linear(cfg.encoder_hidden_size, width, device=device))
+            self.prefix_mlp = nn.Sequential(nn.Linear(hidden, encoder_hidden_size, device=device), nn.Tanh(),
+                                            nn.Linear(encoder_hidden_size, width, device=device))
         else:
             self.prefix_flat = nn.Parameter(torch.randn(self.num_tokens, width, device=device) * 0.02)
         self.register_buffer("prefix_kv", torch.zeros(self.layers, 2, self.num_tokens, width // self.layers // 2,
@@ -55,19 +54,24 @@ class PrefixEncoder(PrefixSource):
 
 
 def inject(model: nn.Module, cfg: PrefixTuningConfig) -> nn.Module:
-    return install_prefix(model, PrefixEncoder(model, cfg), "prefix_encoder")
+    hidden = cfg.encoder_hidden_size if cfg.reparameterize else None
+    return install_prefix(model, PrefixEncoder(model, cfg.num_virtual_tokens, hidden), "prefix_encoder")
 
 
-def extra_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain prefixes (what the MLP currently produces), saved beside the trainable tensors."""
-    encoder = model.prefix_encoder
-    with torch.no_grad():
-        encoder.prefix_kv.copy_(encoder.flat())
-    return {"prefix_encoder.prefix_kv": encoder.prefix_kv}
+def plain_prefixes(attr: str):
+    """extra_state: the plain prefixes (what the MLP currently produces), saved beside the trainable tensors."""
+    def extra_state(model: nn.Module) -> dict[str, torch.Tensor]:
+        encoder = getattr(model, attr)
+        with torch.no_grad():
+            encoder.prefix_kv.copy_(encoder.flat())
+        return {f"{attr}.prefix_kv": encoder.prefix_kv}
+
+    return extra_state
 
 
 METHOD = Method(
     name="prefix_tuning", summary="trainable key/value prefixes in every attention layer (MLP-reparameterised)",
-    config_cls=PrefixTuningConfig, inject=inject, merge=None, merge_hint=MERGE_HINT, extra_state=extra_state,
+    config_cls=PrefixTuningConfig, inject=inject, merge=None, merge_hint=MERGE_HINT,
+    extra_state=plain_prefixes("prefix_encoder"),
     tasks=frozenset({"sequence-classification", "causal-lm", "token-classification"}),
     paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation")

@@ -51,9 +51,10 @@ def splice(seq: torch.Tensor, block: torch.Tensor, at: torch.Tensor) -> torch.Te
     return both.gather(1, source)
 
 
-def with_prompts(model: nn.Module, source: PromptSource, kwargs: dict) -> dict:
+def with_prompts(model: nn.Module, source: PromptSource, kwargs: dict) -> tuple[dict, torch.Tensor]:
     """Forward kwargs with the virtual tokens inserted: inputs_embeds, attention_mask, token-level labels (never
-    supervised) and token_type_ids (segment 0) all grow by the prompt length."""
+    supervised) and token_type_ids (segment 0) all grow by the prompt length. Also returns, per row, the columns
+    that hold the input's own tokens (to cut per-token outputs back to the input's length)."""
     ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)
@@ -63,6 +64,7 @@ def with_prompts(model: nn.Module, source: PromptSource, kwargs: dict) -> dict:
     labels, types = kwargs.get("labels"), kwargs.get("token_type_ids")
     token_labels = labels is not None and labels.dim() == 2 and labels.shape[1] == length
     prompts = source.embeddings().to(embeds.dtype)
+    real = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)  # which columns are input tokens
     ends = torch.tensor([c for _, c in source.groups]).cumsum(0).tolist()
     for (position, count), end in reversed(list(zip(source.groups, ends))):
         at = insertion_index(mask, position)
@@ -72,6 +74,7 @@ def with_prompts(model: nn.Module, source: PromptSource, kwargs: dict) -> dict:
         if types is not None:
             types = splice(types, types.new_zeros(batch, count), at)
         mask = splice(mask, mask.new_ones(batch, count), at)
+        real = splice(real, real.new_zeros(batch, count), at)
     kwargs.update(inputs_embeds=embeds, attention_mask=mask)
     if token_labels:
         kwargs["labels"] = labels
@@ -81,7 +84,7 @@ def with_prompts(model: nn.Module, source: PromptSource, kwargs: dict) -> dict:
         kwargs["position_ids"] = positions_from_mask(mask)
     if is_causal(model) and type(model).__name__.endswith("ForSequenceClassification"):
         kwargs = pad_left(kwargs)
-    return kwargs
+    return kwargs, torch.argsort((~real).int(), dim=1, stable=True)[:, :length]
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -105,14 +108,29 @@ def install_prompts(model: nn.Module, source: PromptSource, attr: str) -> nn.Mod
     model.add_module(attr, source)
     paused = _Paused()
 
+    kept: list[torch.Tensor] = []
+
     def hook(module, args, kwargs):
+        kept.clear()
         past = kwargs.get("past_key_values")
         if paused.on or (past is not None and past.get_seq_length() > 0):
             return None  # our generate already spliced them in, or a cached continuation step
         kwargs, _ = main_input(args, kwargs)
-        return (), with_prompts(module, source, kwargs)
+        kwargs, columns = with_prompts(module, source, kwargs)
+        kept.append(columns)
+        return (), kwargs
+
+    def cut_outputs(module, args, kwargs, output):
+        """Per-token logits come back at the input's length: the virtual positions are dropped (after the loss,
+        which never counts them)."""
+        logits = getattr(output, "logits", None)
+        if kept and logits is not None and logits.dim() == 3:
+            columns = kept.pop()
+            output.logits = logits.gather(1, columns.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return output
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.register_forward_hook(cut_outputs, with_kwargs=True)
     allow_checkpointing_with_prefix(model)
     if is_causal(model) and hasattr(model, "generate"):
         model.generate = _prompt_generate(model, source, paused)
@@ -125,7 +143,7 @@ def _prompt_generate(model: nn.Module, source: PromptSource, paused: _Paused):
 
     def generate(input_ids=None, attention_mask=None, **kwargs):
         with torch.no_grad():
-            inputs = with_prompts(model, source, {"input_ids": input_ids, "attention_mask": attention_mask})
+            inputs, _ = with_prompts(model, source, {"input_ids": input_ids, "attention_mask": attention_mask})
         with paused():
             out = base_generate(model, inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                                 **kwargs)

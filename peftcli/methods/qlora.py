@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field
-from .lora import LoraConfig, lora_scale
+from ..schema import field, open_fraction, positive
+from .lora import DEFAULT_TARGETS
 from .registry import Method, match_targets, replace_module, target_error
 
 logger = logging.getLogger("peftcli")
@@ -24,7 +24,12 @@ BLOCK_SIZE = 64
 
 
 @dataclasses.dataclass
-class QLoraConfig(LoraConfig):
+class QLoraConfig:
+    r: int = field(8, check=positive, doc="rank of the LoRA update")
+    alpha: float = field(16.0, check=positive, doc="scale numerator: update = (alpha / r) · B·A")
+    dropout: float = field(0.0, check=open_fraction, doc="dropout on the adapter's input")
+    target_modules: list[str] | str = field(factory=lambda: list(DEFAULT_TARGETS),
+                                            doc="name suffixes, a regex, or all-linear")
     bits: Literal[4, 8] = field(4, doc="base weight precision: 4 (NF4/FP4 blocks of 64) or 8 (int8 per row)")
     quant_type: Literal["nf4", "fp4"] = field("nf4", doc="4-bit code: nf4 (QLoRA Sec. 3) or fp4")
     double_quant: bool = field(True, doc="quantise the 4-bit block scales again to 8 bits (QLoRA Sec. 3)")
@@ -68,7 +73,7 @@ class QLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: the update starts at zero (LoRA Sec. 4.1)
-        self.scale, self.dropout = lora_scale(cfg), nn.Dropout(cfg.dropout)
+        self.scale, self.dropout = cfg.alpha / r, nn.Dropout(cfg.dropout)
 
     def dequantized(self) -> torch.Tensor:
         """The base weight as the forward pass sees it, in fp32."""

@@ -1,0 +1,125 @@
+"""AdapterFusion (Pfeiffer et al. 2021): frozen adapters from earlier runs, combined per layer by learned attention."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import UserError
+from ..schema import field
+from . import bottleneck as bn
+from .adapter import UNMERGEABLE, resolved
+from .registry import Method
+
+SOURCE_METHODS = ("adapter", "adapter_drop")
+# Pfeiffer et al. 2021, Sec. 3.2: Value starts as the identity (plus small noise) so fusion first averages the
+# adapters' outputs; Query and Key start random.
+VALUE_NOISE = 1e-6
+QK_STD = 0.02
+
+
+def check_sources(value) -> str | None:
+    return None if len(value) >= 2 else "list at least two adapter run directories to fuse"
+
+
+@dataclasses.dataclass
+class AdapterFusionConfig:
+    sources: list[str] = field(factory=list, check=check_sources,
+                               doc="run directories of `adapter` runs to fuse (same base model and placement)")
+
+
+class Fusion(nn.Module):
+    """z_n = h + f_n(h) for each frozen source adapter n; out = sum_n softmax_n(hQ · z_nK) z_nV (Sec. 3.2).
+    Returns out - h, since the wrapping layer adds h back."""
+
+    def __init__(self, dim: int, sources: list[bn.Bottleneck], device):
+        super().__init__()
+        self.sources = nn.ModuleList(sources)
+        self.sources.requires_grad_(False)
+        self.query = nn.Linear(dim, dim, device=device)
+        self.key = nn.Linear(dim, dim, device=device)
+        self.value = nn.Linear(dim, dim, device=device)
+        with torch.no_grad():
+            for proj in (self.query, self.key):
+                nn.init.normal_(proj.weight, std=QK_STD)
+                nn.init.zeros_(proj.bias)
+            self.value.weight.copy_(torch.eye(dim, device=device) + torch.randn(dim, dim, device=device) * VALUE_NOISE)
+            nn.init.zeros_(self.value.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        z = torch.stack([h + source(h) for source in self.sources], dim=-2)  # [..., N, d]
+        scores = torch.einsum("...d,...nd->...n", self.query(h), self.key(z))
+        weights = scores.softmax(dim=-1).unsqueeze(-1)
+        return (weights * self.value(z)).sum(dim=-2) - h
+
+
+def read_sources(cfg: AdapterFusionConfig, dim: int):
+    """(bottleneck sizes, nonlinearities, shared placement, source tensor files) of the listed runs."""
+    from ..runs import TENSORS, read_run
+
+    sizes, acts, placements, files = [], [], set(), []
+    for source in cfg.sources:
+        recipe, record = read_run(source)
+        if record["method"] not in SOURCE_METHODS:
+            raise UserError(f"method.sources: {source} is a '{record['method']}' run; fuse runs of "
+                            f"{' or '.join(SOURCE_METHODS)}")
+        size, placement, norms = resolved(recipe.method, dim)
+        if norms:
+            raise UserError(f"method.sources: {source} trained block norms (houlsby); fuse adapters trained with "
+                            f"variant: pfeiffer or train_norms: false, whose base norms they share")
+        sizes.append(size)
+        acts.append(recipe.method.nonlinearity)
+        placements.add(tuple(placement))
+        files.append(Path(source) / TENSORS)
+    if len(placements) > 1:
+        raise UserError(f"method.sources: the runs place adapters differently ({sorted(placements)}); fuse runs "
+                        f"with the same placement")
+    return sizes, acts, list(placements.pop()), files
+
+
+def inject(model: nn.Module, cfg: AdapterFusionConfig) -> nn.Module:
+    sites = bn.find_sites(model)
+    dim = bn.hidden_size(model, sites[0])
+    sizes, acts, placement, files = read_sources(cfg, dim)
+    device = model.get_submodule(sites[0].ffn_out).weight.device
+    drop = bn.DropState()
+    for site in sites:
+        for where in placement:
+            sources = [bn.Bottleneck(dim, size, act, device) for size, act in zip(sizes, acts)]
+            bn.attach(model, site, where, Fusion(dim, sources, device), parallel=False, scale=1.0, drop=drop)
+    if device.type != "meta":  # validation builds the model without weights: nothing to load
+        load_sources(model, files)
+    return model
+
+
+def load_sources(model: nn.Module, files: list[Path]) -> None:
+    """Copy each source run's adapter weights into its frozen slot of every Fusion module."""
+    for n, path in enumerate(files):
+        tensors = load_file(str(path))
+        for name, module in model.named_modules():
+            if isinstance(module, Fusion):
+                for part in ("down.weight", "down.bias", "up.weight", "up.bias"):
+                    key = f"{name.rpartition('.')[0]}.adapter.{part}"
+                    if key not in tensors:
+                        raise UserError(f"method.sources: {path} lacks {key}; was it trained on this base model?")
+                    target = module.sources[n].get_parameter(part)
+                    if target.shape != tensors[key].shape:
+                        raise UserError(f"method.sources: {path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                        f"expected {tuple(target.shape)}; it was trained on another base model")
+                    with torch.no_grad():
+                        target.copy_(tensors[key])
+
+
+def source_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen source adapters, saved with the run so it reproduces even if a source run is retrained."""
+    return {k: v for k, v in model.state_dict().items() if ".adapter.sources." in k}
+
+
+METHOD = Method(
+    name="adapter_fusion", summary="learned attention over frozen adapters from earlier runs (two-stage)",
+    config_cls=AdapterFusionConfig, inject=inject, merge=None, merge_hint=UNMERGEABLE, extra_state=source_state,
+    paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning")

@@ -1,0 +1,126 @@
+"""Bad input through the real CLI: exit 2, one line naming the place and the fix, no traceback, nothing written."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runhelp import run_cli
+
+CASES = Path(__file__).parent / "bad_inputs"
+NO_EXPECT_LINE = {"empty.yaml": "the recipe is empty"}  # files that cannot carry a `# expect:` comment
+PWNED = Path("/tmp/peftcli-bad-input-pwned")
+
+
+def expected(path: Path) -> str:
+    if path.name in NO_EXPECT_LINE:
+        return NO_EXPECT_LINE[path.name]
+    first = path.read_bytes().split(b"\n", 1)[0].decode("ascii")
+    assert first.startswith("# expect: "), f"{path.name} must open with '# expect: <text of the error>'"
+    return first[len("# expect: "):]
+
+
+def snapshot(folder: Path) -> list[tuple[str, float]]:
+    if not folder.is_dir():
+        return []
+    return sorted((str(p), p.stat().st_mtime) for p in folder.iterdir())
+
+
+@pytest.fixture
+def case_env(tiny_bert, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("TINY_BERT", str(tiny_bert))
+    monkeypatch.setenv("TINY_LLAMA", str(tiny_llama))
+    monkeypatch.setenv("PEFT_TEST_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("HF_TOKEN", "hf_canary_do_not_copy")
+    return tmp_path / "out"
+
+
+def assert_refused(result, want: str, out: Path):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert want in lines[0], f"{want!r} not in {lines[0]!r}"
+    assert "Traceback" not in result.output
+    assert not out.exists(), "a refused run must not create its output directory"
+
+
+@pytest.mark.parametrize("path", sorted(CASES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_bad_recipe_is_refused_in_one_line(path, case_env, tiny_bert):
+    watched = [tiny_bert, CASES / "data", Path.home()]
+    before = [snapshot(p) for p in watched]
+    result = run_cli("train", str(path))
+    assert_refused(result, expected(path), case_env)
+    assert [snapshot(p) for p in watched] == before, "an input folder was changed"
+    assert not PWNED.exists(), "a YAML tag executed code"
+
+
+def test_oversize_recipe(case_env, tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("# filler\n" * 200_000)
+    assert_refused(run_cli("train", str(path)), "too large for a recipe", case_env)
+
+
+def test_huge_single_data_line(case_env, tmp_path):
+    data = tmp_path / "huge.jsonl"
+    with open(data, "w") as handle:
+        handle.write('{"text": "' + "a" * (17 << 20) + '", "label": "x"}\n')
+    recipe = (CASES / "data_empty.yaml").read_text().replace("${recipe_dir}/data/empty.jsonl", str(data))
+    (tmp_path / "r.yaml").write_text(recipe)
+    assert_refused(run_cli("train", str(tmp_path / "r.yaml")), "huge.jsonl:1: a single line", case_env)
+
+
+def test_merge_export_onto_its_own_run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {}\n")
+    result = run_cli("merge-export", str(run), "--out", str(run))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+VALID = yaml.safe_load((CASES / "unknown_key.yaml").read_text().replace("  learning_rat: 1e-3\n", "")
+                       .replace("${recipe_dir}/../..", str(CASES.parents[1])))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True), st.text(max_size=12),
+                    st.lists(st.text(max_size=4), max_size=3))
+paths = st.sampled_from([(s, k) for s, section in VALID.items() for k in section] + [(s, None) for s in VALID])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(edits=st.lists(st.tuples(paths, scalars, st.sampled_from(["set", "delete", "add"])), min_size=1, max_size=3))
+def test_mutated_recipes_never_crash(edits, tmp_path_factory, tiny_bert, tiny_llama):
+    """Any mutation of a valid recipe either validates or is refused with exit 2: never a traceback."""
+    folder = tmp_path_factory.mktemp("mutant")
+    recipe = yaml.safe_load(yaml.safe_dump(VALID))
+    for (section, key), value, action in edits:
+        target = recipe.setdefault(section, {}) if isinstance(recipe.get(section), dict) else recipe
+        if action == "delete":
+            (target if key else recipe).pop(key or section, None)
+        elif action == "add":
+            target[f"x_{key or section}"] = value
+        else:
+            target[key or section] = value
+    path = folder / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {"TINY_BERT": str(tiny_bert), "TINY_LLAMA": str(tiny_llama), "PEFT_TEST_OUT": str(folder / "out")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = run_cli("validate", str(path))
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert result.exit_code in (0, 2), result.output
+
+
+def test_the_unmutated_recipe_is_valid(tiny_bert, tmp_path, monkeypatch):
+    """The property test starts from a valid recipe (else it would only ever see refusals)."""
+    monkeypatch.setenv("TINY_BERT", str(tiny_bert))
+    monkeypatch.setenv("PEFT_TEST_OUT", str(tmp_path / "out"))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(VALID))
+    result = run_cli("validate", str(tmp_path / "r.yaml"))
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output

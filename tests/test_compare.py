@@ -1,0 +1,40 @@
+"""`peft compare`: seeds of one method are grouped into mean ± std; outputs are written as md/csv/json/png."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from peftcli.cli import app
+
+
+def fake_run(folder, method, seed, accuracy, seconds):
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"data": {"train": "/d/SST-2/train.tsv"},
+                                                        "train": {"seed": seed}}))
+    (folder / "method.json").write_text(json.dumps({"method": method, "trainable_params": 100,
+                                                    "total_params": 10000}))
+    (folder / "metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+    (folder / "run_info.json").write_text(json.dumps({"train_seconds": seconds, "train_samples_per_second": 10.0,
+                                                      "peak_memory_mib": 500.0, "device": "CPU"}))
+    return folder
+
+
+def test_compare_groups_seeds(tmp_path):
+    runs = [fake_run(tmp_path / f"lora{s}", "lora", s, acc, 10 * s) for s, acc in ((1, 0.80), (2, 0.90))]
+    runs.append(fake_run(tmp_path / "full1", "full", 1, 0.85, 50))
+    result = CliRunner().invoke(app, ["compare", *map(str, runs), "--out", str(tmp_path / "table")])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((tmp_path / "table.json").read_text())}
+    assert rows["lora"]["seeds"] == 2 and rows["lora"]["accuracy"] == pytest.approx(0.85)
+    assert rows["lora"]["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert rows["lora"]["trainable_pct"] == pytest.approx(1.0)
+    assert "85.0 ± 7.1" in result.stdout and "| SST-2 | full | 1 |" in result.stdout
+    assert (tmp_path / "table.png").stat().st_size > 0 and (tmp_path / "table.csv").is_file()
+
+
+def test_compare_rejects_non_runs(tmp_path):
+    result = CliRunner().invoke(app, ["compare", str(tmp_path)])
+    assert result.exit_code == 2 and "not a finished peftcli run" in result.stderr

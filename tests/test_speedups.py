@@ -1,0 +1,78 @@
+"""Fused RMSNorm/SwiGLU (PyTorch path on CPU, Triton on CUDA) against the HF modules they replace."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from peftcli.kernels.fused import rms_norm, swiglu, triton_available
+from peftcli.speedups import FusedRMSNorm, FusedSwiGLUMLP, use_fused_kernels
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _grads(out, inputs, seed=3):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_hf(device, dtype):
+    hf = LlamaRMSNorm(48, eps=1e-5).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        hf.weight.add_(torch.randn(48).to(hf.weight))
+    x = torch.randn(3, 5, 48, device=device, dtype=dtype, requires_grad=True)
+    ours, ref = rms_norm(x, hf.weight, 1e-5), hf(x)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours, ref, **tol)
+    for a, b in zip(_grads(ours, (x, hf.weight)), _grads(ref, (x, hf.weight))):
+        torch.testing.assert_close(a, b, **(tol if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_reference(device, dtype):
+    g = torch.randn(4, 7, 33, device=device, dtype=dtype, requires_grad=True)  # odd size: masked tail
+    u = torch.randn(4, 7, 33, device=device, dtype=dtype, requires_grad=True)
+    ours, ref = swiglu(g, u), torch.nn.functional.silu(g) * u
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours, ref, **tol)
+    for a, b in zip(_grads(ours, (g, u)), _grads(ref, (g, u))):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA")
+def test_triton_path_taken_and_bitwise_forward_on_cuda():
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
+    assert triton_available(x)
+    hf = LlamaRMSNorm(2048, eps=1e-5).to("cuda", torch.bfloat16)
+    torch.testing.assert_close(rms_norm(x, hf.weight, 1e-5), hf(x), rtol=0, atol=1e-2)
+
+
+def test_swap_keeps_names_and_outputs(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from peftcli import runs
+    from peftcli.methods.lora import LoraConfig
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.randint(8, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = runs.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "lora",
+                               LoraConfig(target_modules="all-linear"))
+    keys = set(model.state_dict())
+    want = model(input_ids=ids, labels=ids)
+    want.loss.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    swapped = use_fused_kernels(model)
+    assert swapped == 2 * 2 + 1 + 2  # two norms and one MLP per layer, the final norm
+    assert sum(isinstance(m, (FusedRMSNorm, FusedSwiGLUMLP)) for m in model.modules()) == swapped
+    assert set(model.state_dict()) == keys and set(base.state_dict()) <= keys
+    got = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    got.loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
