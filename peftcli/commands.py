@@ -106,6 +106,8 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
 
     model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
     model = runs.prepare_model(model, recipe.method_name, recipe.method)
+    if recipe.data.packing:  # with a KV cache transformers ignores packed position_ids: examples would mix
+        model.config.use_cache = False
     if overwrite and out.exists() and not resume:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,9 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     resume_command = f"peft train {recipe_path} --resume" + (f" --output-dir {output_dir}" if output_dir else "")
     train_with_stops(trainer, resume_from, resume_command, recipe.data.max_length)
     seconds = time.time() - started
-    runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record)
+    gathered = trainer.accelerator.get_state_dict(trainer.model)  # collective under FSDP/ZeRO-3: every rank calls
+    if trainer.is_world_process_zero():
+        runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record, gathered)
     metrics = final_metrics(trainer, the_plan, report_dir=out) if the_plan.data.eval else {}
     finish_run(trainer, recipe, record, metrics, seconds, out)
     return out
@@ -147,7 +151,7 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
         compute_metrics=make_compute_metrics(recipe.model.task, the_plan.metrics, the_plan.num_labels,
                                              the_plan.data.labels),
         callbacks=callbacks, optim_rules=recipe.optim, recipe_sha256=recipe_sha256,
-        save_trained=lambda m, d: runs.save_trained(m, d, record))
+        save_trained=lambda m, d, gathered=None: runs.save_trained(m, d, record, gathered))
 
 
 def final_metrics(trainer, the_plan: Plan, report_dir: Path | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -63,12 +64,17 @@ def method_record(recipe: Recipe, model: torch.nn.Module, labels: list[str] | No
             "trainable_params": trainable, "total_params": total}
 
 
-def save_trained(model: torch.nn.Module, output_dir: str | Path, record: dict) -> None:
-    """The run's weights: exactly the trainable tensors (+ the method's declared extra state) and method.json."""
+def save_trained(model: torch.nn.Module, output_dir: str | Path, record: dict, gathered: dict | None = None) -> None:
+    """The run's weights: exactly the trainable tensors (+ the method's declared extra state) and method.json.
+    `gathered`: the full state dict accelerate assembled from all ranks (FSDP / ZeRO-3 shard the parameters,
+    so the local ones are only pieces); the trainable tensors are then taken from it by name."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     method = get_method(record["method"])
     tensors = dict(trainable_state(model))
+    if gathered:  # wrapper prefixes (DDP's module., compile's _orig_mod.) are not part of the names
+        gathered = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in gathered.items()}
+        tensors = {name: gathered[name] for name in tensors}
     if method.extra_state:
         tensors.update(method.extra_state(model))
     if method.pack_state:

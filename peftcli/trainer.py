@@ -88,7 +88,10 @@ class PeftTrainer(CheckpointingMixin, Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        self.save_trained(model, output_dir)
+        if state_dict:  # gathered from all ranks by the Trainer under FSDP / ZeRO-3
+            self.save_trained(model, output_dir, state_dict)
+        else:
+            self.save_trained(model, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         # The Trainer records best_model_checkpoint inside its own _save_checkpoint, which CheckpointingMixin

@@ -32,14 +32,16 @@ TASKS = {
 
 def job_overrides(task: str, data: Path, model: str | None, seed: int, rows: int | None, extra: list[str]):
     spec = TASKS[task]
-    sets = [f"data.train={data / 'glue' / task / 'train.tsv'}", f"data.eval={data / 'glue' / task / 'dev.tsv'}",
-            f"data.text={spec['text']}", f"data.label={spec['label']}", f"train.seed={seed}",
+    quoted = json.dumps  # a JSON string is a YAML string: MRPC's "#1 String" would otherwise start a comment
+    sets = [f"data.train={quoted(str(data / 'glue' / task / 'train.tsv'))}",
+            f"data.eval={quoted(str(data / 'glue' / task / 'dev.tsv'))}",
+            f"data.text={quoted(spec['text'])}", f"data.label={quoted(spec['label'])}", f"train.seed={seed}",
             f"eval.metrics=[{', '.join(spec['metrics'])}]", "train.logging_steps=50",
             "data.limit={}" if rows is None else f"data.limit={{train: {rows}}}"]
     if "text_pair" in spec:
-        sets += [f"data.text_pair={spec['text_pair']}", "data.max_length=128"]
+        sets += [f"data.text_pair={quoted(spec['text_pair'])}", "data.max_length=128"]
     if model:
-        sets.append(f"model.name_or_path={model}")
+        sets.append(f"model.name_or_path={quoted(model)}")
     return sets + extra
 
 

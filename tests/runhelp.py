@@ -23,7 +23,7 @@ def write_recipe(folder: Path, model: Path, out: Path, **train) -> Path:
         "method": {"name": "lora", "r": 4, "dropout": 0.1, "target_modules": ["query", "value"]},
         "train": {"output_dir": str(out), "learning_rate": 1e-3, "num_train_epochs": 2,
                   "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "save_strategy": "steps",
-                  "save_steps": 2, "logging_steps": 1, "seed": 3, "use_cpu": True, **train},
+                  "save_steps": 2, "logging_steps": 1, "seed": 3, "use_cpu": True, "disable_tqdm": True, **train},
     }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")

@@ -125,8 +125,10 @@ def test_load_best_model_at_end_restores_best_checkpoint(tiny_bert, tmp_path, me
     assert final.keys() == chosen.keys()
     for name in final:
         torch.testing.assert_close(final[name], chosen[name], rtol=0, atol=0)
+    # lr 0.3 makes the eval loss bounce (seeded: lora is best at step 4, prompt tuning at 2): the last step is
+    # not the best, so the final weights must differ from the last checkpoint's.
     last = load_file(out / "checkpoint-5/adapter.safetensors")
-    assert best == 5 or any(not torch.equal(final[n], last[n]) for n in final)
+    assert best < 5 and any(not torch.equal(final[n], last[n]) for n in final)
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(
         last_json(invoke("eval", out, "--checkpoint", "best", "--json"))["accuracy"])
 

@@ -48,7 +48,8 @@ def peft_outputs(folder, task, adapter_dir):
 CASES = {
     "lora": {"name": "lora", "r": 4},
     "lora-all-linear-rslora-patterns": {"name": "lora", "r": 4, "target_modules": "all-linear", "use_rslora": True,
-                                        "rank_pattern": {r"layers?\.0\..*": 2}, "alpha_pattern": {"[kv]_proj|key|value": 3}},
+                                        "rank_pattern": {r"layers?\.0\..*": 2},
+                                        "alpha_pattern": {"[kv]_proj|key|value": 3}},
     "dora": {"name": "lora", "r": 4, "use_dora": True, "target_modules": "all-linear"},
     "pissa-dora": {"name": "lora", "r": 4, "init": "pissa", "use_dora": True},
     "lora-embedding": {"name": "lora", "r": 4, "target_modules": ["word_embeddings", "embed_tokens", "query",

@@ -26,6 +26,7 @@ def features(train_on_prompt=False):
 
 def lora_model(folder):
     model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.use_cache = False  # as `peft train` sets it for packing
     model = runs.prepare_model(model, "lora", LoraConfig(target_modules="all-linear"))
     with torch.no_grad():  # B = 0 would hide adapter gradients through the attention path
         for name, p in model.named_parameters():
@@ -59,6 +60,7 @@ def test_packed_loss_and_grads_equal_padded(tiny_llama, train_on_prompt):
 def test_packed_examples_do_not_attend_to_each_other(tiny_llama):
     feats = features()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model.config.use_cache = False
     with torch.no_grad():
         packed = model(**{k: v for k, v in PackedCausalLMCollator()(feats).items() if k != "labels"}).logits[0]
         start = 0

@@ -107,3 +107,31 @@ def test_sigterm_finishes_the_step_commits_and_exits_3(tiny_bert, tmp_path):
     latest = checkpoint.find_latest(out)
     assert latest is not None and checkpoint.read_manifest(latest)["step"] < 400
     assert not (out / "adapter.safetensors").exists(), "an interrupted run is not a finished run"
+
+
+def torchrun(recipe, *extra, env=None):
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "peftcli", "train", str(recipe), *extra]
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_process_kill_and_resume_is_exact(tiny_bert, tmp_path):
+    """gloo on CPU, 2 ranks: 3 optimizer steps per epoch; killed after step 3, resumed from checkpoint-2."""
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    done = torchrun(write_recipe(tmp_path / "a", tiny_bert, reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = write_recipe(tmp_path / "b", tiny_bert, out)
+    killed = torchrun(recipe, env={checkpoint.KILL_ENV: "step_end@3"})
+    assert killed.returncode != 0 and checkpoint.find_latest(out) == out / "checkpoint-2"
+    manifest = checkpoint.read_manifest(out / "checkpoint-2")
+    assert manifest["world_size"] == 2 and {"rng_state_0.json", "rng_state_1.json"} <= set(manifest["files"])
+    one_process = run_cli("train", str(recipe), "--resume")
+    assert one_process.exit_code == 2 and "saved by 2 processes, resumed with 1" in one_process.output
+    resumed = torchrun(recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert step_losses(out) == step_losses(reference) and len(step_losses(reference)) == 6
+    got, want = load_file(out / "adapter.safetensors"), load_file(reference / "adapter.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)

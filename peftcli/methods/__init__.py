@@ -27,7 +27,9 @@ from . import p_tuning, p_tuning_v2, prefix_tuning, prompt_tuning, trigger_token
 _PROMPT: list[Method] = [prefix_tuning.METHOD, prompt_tuning.METHOD, trigger_tokens.METHOD, p_tuning.METHOD,
                          p_tuning_v2.METHOD, vpt.METHOD]
 # -- selective / training-time methods (issue 7) --
-_SELECTIVE: list[Method] = []
+from . import child_tuning, sparse  # noqa: E402
+
+_SELECTIVE: list[Method] = [child_tuning.METHOD, sparse.METHOD]
 
 METHODS: dict[str, Method] = {m.name: m for m in _SPINE + _REPARAM_A + _REPARAM_B + _ADDITIVE + _PROMPT + _SELECTIVE}
 

@@ -35,6 +35,8 @@ class DiffPruningConfig:
                                   doc="fraction of δ kept nonzero after the final projection (0.5%: paper Sec. 5)")
     l0_weight: float = field(1.25e-7, check=non_negative, doc="λ of the expected-L0 penalty (paper Sec. 5: 1.25e-7)")
     init_log_alpha: float = field(5.0, doc="initial gate logit log α (gates start open)")
+    finetune: float = field(0.25, check=lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v}",
+                            doc="fraction of steps after the projection that train the kept entries (Sec. 3.3)")
 
 
 def hard_concrete(log_alpha: torch.Tensor, training: bool) -> torch.Tensor:
@@ -61,7 +63,13 @@ class DiffLinear(nn.Module):
         self.projected = False
 
     def delta(self) -> torch.Tensor:
-        return self.diff_w * hard_concrete(self.diff_log_alpha, self.training)
+        # Once projected the gates are fixed 0/1, so pruned entries stay exactly zero while the kept ones train.
+        return self.diff_w * hard_concrete(self.diff_log_alpha, self.training and not self.projected)
+
+    @torch.no_grad()
+    def fixed_delta(self) -> torch.Tensor:
+        """δ with deterministic gates (what evaluation and merging use)."""
+        return self.diff_w * hard_concrete(self.diff_log_alpha, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() + self.delta()
@@ -80,6 +88,7 @@ class DiffLinear(nn.Module):
             w[index], gate[index] = values.to(w), OPEN
             self.diff_w.copy_(w.view_as(self.diff_w))
             self.diff_log_alpha.copy_(gate.view_as(self.diff_log_alpha))
+        self.diff_log_alpha.requires_grad_(False)  # the mask is final; only the kept values may still move
         self.projected = True
 
     def merged(self) -> nn.Linear:
@@ -131,14 +140,21 @@ def project(model: nn.Module, density: float) -> dict:
             "density": kept / flat.numel(), "target_density": density}
 
 
+def _density(model: nn.Module) -> float:
+    """Nonzero fraction of δ now (kept entries that trained to exactly zero no longer count)."""
+    modules = diff_modules(model).values()
+    return sum(int((m.fixed_delta() != 0).sum()) for m in modules) / sum(m.diff_w.numel() for m in modules)
+
+
 def pack_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Projected layers are saved as (indices, values); unprojected ones (checkpoints mid-run) stay dense."""
     for name, module in diff_modules(model).items():
         if module.projected:
-            w = tensors.pop(f"{name}.diff_w").reshape(-1)
-            tensors.pop(f"{name}.diff_log_alpha")
-            index = (w != 0).nonzero().squeeze(1)
-            tensors[f"{name}.diff_index"], tensors[f"{name}.diff_values"] = index, w[index].float()
+            tensors.pop(f"{name}.diff_w")
+            tensors.pop(f"{name}.diff_log_alpha", None)
+            delta = module.fixed_delta().reshape(-1)
+            index = (delta != 0).nonzero().squeeze(1)
+            tensors[f"{name}.diff_index"], tensors[f"{name}.diff_values"] = index, delta[index]
     return tensors
 
 
@@ -152,13 +168,21 @@ def unpack_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
 
 
 class ProjectCallback(TrainerCallback):
-    """At the end of training: project δ to the target density and write diff_pruning.json."""
+    """Projects δ to the target density once `finetune` of the steps remain (or at the end), then the kept entries
+    keep training under a fixed mask; writes diff_pruning.json."""
 
     def __init__(self, cfg: DiffPruningConfig, model: nn.Module):
         self.cfg, self.model = cfg, model
+        self.report: dict | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.report is None and state.global_step >= round((1 - self.cfg.finetune) * state.max_steps):
+            self.report = project(self.model, self.cfg.target_density)
 
     def on_train_end(self, args, state, control, **kwargs):
-        report = project(self.model, self.cfg.target_density)
+        if self.report is None or not all(m.projected for m in diff_modules(self.model).values()):
+            self.report = project(self.model, self.cfg.target_density)
+        report = dict(self.report, density=_density(self.model))
         logger.info("diff pruning: kept %d of %d diff entries (density %.4f)", report["nonzero"],
                     report["diff_params"], report["density"])
         if state.is_world_process_zero:

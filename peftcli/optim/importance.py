@@ -33,33 +33,30 @@ def unit_layer(unit: str) -> int | None:
 def group_scores(groups: list[dict], kinds) -> dict[str, torch.Tensor]:
     """Per-element means per group, so groups of different sizes compare: weight_l1 mean|w|, weight_l2 rms(w),
     grad_norm rms(g), taylor mean|w*g| (first-order Taylor sensitivity, Molchanov et al. 2017, Sec. 2.2),
-    fisher mean g^2 (empirical Fisher diagonal)."""
-    out = {k: [] for k in kinds}
-    for group in groups:
-        sums = {k: 0.0 for k in kinds}
-        count = 0
-        for p in group["params"]:
-            w, g = p.detach(), p.grad
-            count += p.numel()
-            for kind in kinds:
-                sums[kind] = sums[kind] + _element_sum(kind, w, g)
-        for kind in kinds:
-            value = torch.as_tensor(sums[kind], dtype=torch.float32).reshape(()).cpu()
-            out[kind].append(value.sqrt() / math.sqrt(count) if kind in ("weight_l2", "grad_norm")
-                             else value / count)
-    return {k: torch.stack(v) if v else torch.zeros(0) for k, v in out.items()}
-
-
-def _element_sum(kind: str, w: torch.Tensor, g: torch.Tensor | None):
-    if kind == "weight_l1":
-        return w.float().abs().sum()
-    if kind == "weight_l2":
-        return w.float().pow(2).sum()
-    if g is None:
-        return 0.0
-    if kind in ("grad_norm", "fisher"):
-        return g.float().pow(2).sum()
-    return (w.float() * g.float()).abs().sum()  # taylor
+    fisher mean g^2 (empirical Fisher diagonal). Fused multi-tensor norms, one host transfer per call."""
+    pairs = [(i, p) for i, g in enumerate(groups) for p in g["params"]]
+    if not pairs:
+        return {k: torch.zeros(len(groups)) for k in kinds}
+    owner = torch.tensor([i for i, _ in pairs])
+    counts = torch.zeros(len(groups)).index_add_(0, owner, torch.tensor([float(p.numel()) for _, p in pairs]))
+    weights = [p.detach() for _, p in pairs]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in pairs]
+    per_tensor = {}
+    for kind in kinds:
+        if kind in ("weight_l1", "weight_l2"):
+            norms = torch._foreach_norm(weights, 1 if kind == "weight_l1" else 2)
+        elif kind in ("grad_norm", "fisher"):
+            norms = torch._foreach_norm(grads, 2)
+        else:  # taylor: sum |w * g| = L1 norm of the product
+            norms = torch._foreach_norm(torch._foreach_mul(weights, grads), 1)
+        stacked = torch.stack([n.float() for n in norms])
+        per_tensor[kind] = stacked.pow(2) if kind in ("weight_l2", "grad_norm", "fisher") else stacked
+    host = torch.stack(list(per_tensor.values())).cpu()  # one device -> host copy
+    out = {}
+    for row, kind in zip(host, per_tensor):
+        sums = torch.zeros(len(groups)).index_add_(0, owner, row) / counts.clamp_min(1)
+        out[kind] = sums.sqrt() if kind in ("weight_l2", "grad_norm") else sums
+    return out
 
 
 def hutchinson_trace(loss_fn, groups: list[dict], probes: int) -> torch.Tensor:
