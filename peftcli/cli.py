@@ -190,7 +190,7 @@ def glora_search(
     output_dir: Annotated[Optional[str], typer.Option(help="train.output_dir of that recipe")] = None,
     population: Annotated[int, typer.Option(min=2, help="candidates per generation")] = 10,
     generations: Annotated[int, typer.Option(min=1, help="generations of evolution")] = 5,
-    mutation: Annotated[float, typer.Option(min=0.0, max=1.0, help="per-component mutation probability")] = 0.2,
+    mutation: Annotated[float, typer.Option(min=0.0, max=1.0, help="per-component mutation probability")] = 0.1,
     max_params: Annotated[Optional[int], typer.Option(min=1, help="parameter budget of the chosen paths")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="score on the first N eval rows")] = None,
     seed: Annotated[int, typer.Option(help="search random seed")] = 0,

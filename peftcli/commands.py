@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -14,6 +15,7 @@ import torch
 from . import runs
 from .data import load_splits
 from .errors import UserError
+from .extras import recipe_callbacks
 from .methods import METHODS, get_method
 from .metrics import DEFAULT_METRICS, check_metrics, make_compute_metrics
 from .recipe import Recipe, load_recipe
@@ -56,6 +58,10 @@ def plan(recipe: Recipe) -> Plan:
     return Plan(recipe, tokenizer, data, num_labels, metrics)
 
 
+def process_rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # set by torchrun / accelerate launch
+
+
 def check_enough_rows(recipe: Recipe, rows: int) -> None:
     from .checkpoint import world_size
 
@@ -80,7 +86,8 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
             raise UserError(f"train.output_dir: {out} is inside the input folder {src}; write runs elsewhere")
         if src.is_file() and resolved == src.resolve():
             raise UserError(f"train.output_dir: {out} is an input file; choose a run folder such as runs/x")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    # Other ranks of a multi-process run would see rank 0's first files: only rank 0 judges the folder.
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite) and process_rank() == 0:
         kind = "a previous run" if runs.is_run_dir(out) else "files that are not a peftcli run"
         raise UserError(f"train.output_dir: {out} already holds {kind}; pass --resume to continue it, "
                         f"--overwrite to replace it, or --output-dir to write elsewhere")
@@ -108,12 +115,15 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     model = runs.prepare_model(model, recipe.method_name, recipe.method)
     if recipe.data.packing:  # with a KV cache transformers ignores packed position_ids: examples would mix
         model.config.use_cache = False
-    if overwrite and out.exists() and not resume:
+    if overwrite and out.exists() and not resume and process_rank() == 0:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs.write_recipe(recipe, out)
+    if process_rank() == 0:
+        runs.write_recipe(recipe, out)
     record = runs.method_record(recipe, model, the_plan.data.labels)
     trainer = build_trainer(the_plan, model, out, record, recipe_sha256=recipe_hash)
+    for callback in recipe_callbacks(recipe, model, the_plan.data.labels):  # layerdrop, distill
+        trainer.add_callback(callback)
     started = time.time()
     resume_command = f"peft train {recipe_path} --resume" + (f" --output-dir {output_dir}" if output_dir else "")
     train_with_stops(trainer, resume_from, resume_command, recipe.data.max_length)

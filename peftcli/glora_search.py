@@ -27,7 +27,7 @@ Config = dict[str, dict[str, str]]  # layer -> component -> path
 class SearchOptions:
     population: int = 10
     generations: int = 5
-    mutation: float = 0.2  # per-component resampling probability of a child
+    mutation: float = 0.1  # per-component resampling probability of a child
     max_params: int | None = None  # parameter budget of the chosen paths (the paper's constraint)
     limit: int | None = None  # eval rows used for scoring
     seed: int = 0

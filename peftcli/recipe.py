@@ -115,6 +115,29 @@ class EvalSection:
     max_new_tokens: int = field(64, check=positive, doc="causal-lm generation metrics: tokens generated per prompt")
 
 
+def _check_prune(value) -> str | None:
+    return None if value == "every_other" or isinstance(value, list) else "must be every_other or a list of indices"
+
+
+@dataclasses.dataclass
+class LayerDropSection:
+    """Works with any method: layers are skipped at random while training (Fan et al. 2019, LayerDrop)."""
+
+    rate: float = field(0.1, check=open_fraction, doc="probability of skipping a layer (0.1-0.2 in Fan et al.)")
+    schedule: Literal["constant", "linear"] = field("constant", doc="linear: ramp the rate up from 0 over training")
+    depth_scaling: Literal["uniform", "linear"] = field("uniform", doc="linear: layer l of L drops at rate*(l+1)/L "
+                                                                      "(stochastic depth, Huang et al. 2016)")
+    prune_layers: list[int] | Literal["every_other"] | None = field(
+        None, check=_check_prune, doc="at eval / merge-export remove these layers (every_other: odd layers)")
+
+
+@dataclasses.dataclass
+class DistillSection:
+    teacher: str = field(doc="teacher model: a model path/id or a finished run directory")
+    alpha: float = field(0.5, check=fraction, doc="loss = (1 - alpha) task + alpha T^2 KL(teacher || student)")
+    temperature: float = field(2.0, check=positive, doc="T: softens both distributions (Hinton et al. 2015, Sec. 2)")
+
+
 @dataclasses.dataclass
 class Recipe:
     source: str
@@ -126,6 +149,8 @@ class Recipe:
     train: dict
     optim: OptimSection
     eval: EvalSection
+    layerdrop: LayerDropSection | None = None
+    distill: DistillSection | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -133,7 +158,7 @@ class Recipe:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "method": None, "train": None, "optim": OptimSection,
-            "eval": EvalSection}
+            "eval": EvalSection, "layerdrop": LayerDropSection, "distill": DistillSection}
 _INTERP = re.compile(r"\$\{([^}]*)\}")
 # Whole name parts only: hub_token / HF_TOKEN / WANDB_API_KEY are secrets, average_tokens_across_devices is not.
 SECRET_KEY = re.compile(r"(?:^|_)(?:token|api_key|apikey|password|secret)(?:$|_)", re.I)
@@ -169,7 +194,9 @@ def recipe_from_dict(data, source: str, recipe_dir: Path, overrides=(), output_d
     check_model_safety(model, root.child("model", data))
     raw = plain(data)
     raw["train"] = {**(raw.get("train") or {}), "output_dir": train["output_dir"]}  # `train:` may be empty
-    return Recipe(source, raw, model, data_section, method_name, method_cfg, train, optim, eval_section)
+    extras = {key: build(SECTIONS[key], data[key], root.child(key, data)) for key in ("layerdrop", "distill")
+              if data.get(key) is not None}
+    return Recipe(source, raw, model, data_section, method_name, method_cfg, train, optim, eval_section, **extras)
 
 
 def build_method(section, where: Where, task: str):

@@ -119,6 +119,10 @@ def load_trained(run_dir: str | Path, weights_dir: str | Path | None = None):
     model = load_model(recipe.model, record.get("num_labels"), record.get("labels"))
     model = prepare_model(model, recipe.method_name, recipe.method)
     load_tensors_into(model, weights_dir / TENSORS)
+    if recipe.layerdrop is not None and recipe.layerdrop.prune_layers:
+        from .layerdrop import prune_layers
+
+        model = prune_layers(model, recipe.layerdrop)  # the inference-time form of a LayerDrop-trained run
     model.eval()
     return recipe, record, model, load_tokenizer(recipe.model)
 

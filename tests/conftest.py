@@ -23,9 +23,16 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_bert, tiny_llama) -> dict[str, Path]:
+def tiny_vit(tmp_path_factory) -> Path:
+    from tiny import build_tiny_vit
+
+    return build_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_bert, tiny_llama, tiny_vit) -> dict[str, Path]:
     """Base model folder per task, for tests that run over the registry."""
-    return {"sequence-classification": tiny_bert, "causal-lm": tiny_llama}
+    return {"sequence-classification": tiny_bert, "causal-lm": tiny_llama, "image-classification": tiny_vit}
 
 
 @pytest.fixture

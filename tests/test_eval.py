@@ -178,3 +178,16 @@ def test_token_classification_entity_f1_logged_during_training(tmp_path):
     assert result.exit_code == 0, result.output
     first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
     assert len(first["predicted"]) == len(first["tokens"]) and set(first["predicted"]) <= {t for _, t in words}
+
+
+def test_early_stopping_stops_when_the_eval_loss_stops_improving(tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, "sequence-classification", {"name": "lora", "r": 4},
+                          REVIEW_DATA, out, max_steps=5, learning_rate=0.3, eval_strategy="steps", eval_steps=1)
+    result = invoke("train", recipe, "--set", "eval.early_stopping_patience=1")
+    assert result.exit_code == 0, result.output
+    losses = [json.loads(line)["eval_loss"] for line in (out / "log.jsonl").read_text().splitlines()
+              if "eval_loss" in line]
+    # Seeded as in the best-checkpoint test: step 2 is worse than step 1, so patience 1 stops there.
+    assert len(losses) == 2 and losses[1] > losses[0]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2

@@ -12,7 +12,7 @@ from peftcli.models import auto_class
 
 from method_configs import lifecycle_config
 
-TASKS = ("sequence-classification", "causal-lm")
+TASKS = ("sequence-classification", "causal-lm", "image-classification")
 CASES = [(name, task) for name, m in METHODS.items() for task in TASKS if task in m.tasks]
 
 
@@ -22,6 +22,8 @@ def load_base(folder, task):
 
 def sample_inputs(task):
     generator = torch.Generator().manual_seed(1)
+    if task == "image-classification":  # tiny ViT: 8x8 RGB images, 10 classes
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=generator), "labels": torch.tensor([3, 7])}
     ids = torch.randint(8, 60, (2, 12), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # one padded row: methods must respect the attention mask

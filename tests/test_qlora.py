@@ -18,7 +18,7 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
 
 def layer(bits=4, **kw):
     torch.manual_seed(0)
-    base = torch.nn.Linear(128, 64)
+    base = torch.nn.Linear(128, 64).requires_grad_(False)  # frozen, as prepare_model leaves it
     q = QLoraLinear(base, QLoraConfig(bits=bits, r=4, **kw))
     with torch.no_grad():
         q.lora_B.normal_(std=0.1)
@@ -36,7 +36,8 @@ def test_nf4_blocks_of_64_with_double_quantised_scales():
     scale = blocks.abs().amax(dim=1, keepdim=True)
     codes = blocks / scale
     assert (codes[..., None] - NF4).abs().amin(-1).max() < 1e-5
-    assert (q.dequantized() - base.weight).abs().max() < 0.1 * base.weight.abs().max()
+    error = torch.linalg.matrix_norm(q.dequantized() - base.weight) / torch.linalg.matrix_norm(base.weight)
+    assert 0 < error < 0.15  # 4 bits of a uniform-ish weight: about 10% relative error
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -45,6 +45,38 @@ def make_tokenizer(kind: str):
     return tokenizer
 
 
+def build_tiny_vit(folder: Path, num_labels: int = 10) -> Path:
+    """A tiny random ViT image classifier for 8x8 RGB images (the size of scikit-learn's digits)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
+    ViTForImageClassification(config).save_pretrained(folder)
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": 8, "width": 8}}), encoding="utf-8")
+    return folder
+
+
+def write_digits(folder: Path, per_class: int | None = None) -> Path:
+    """scikit-learn's bundled 8x8 digits as PNGs in folder/{train,test}/<digit>/ (every 5th image is test)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[tuple[str, int], int] = {}
+    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+        split = "test" if index % 5 == 0 else "train"
+        seen = counts[split, label] = counts.get((split, label), 0) + 1
+        if per_class and seen > per_class:
+            continue
+        target = Path(folder) / split / str(label)
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(target / f"{index:04d}.png")
+    return Path(folder)
+
+
 def build_tiny(kind: str, folder: Path, num_labels: int = 2) -> Path:
     """Save a tiny random model + tokenizer to `folder`. kind: bert (sequence classification), bert-token
     (token classification) or llama (causal LM with biases, so BitFit has something to train)."""

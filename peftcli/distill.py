@@ -1,0 +1,82 @@
+"""Knowledge distillation (Hinton et al. 2015): a frozen teacher's softened logits supervise the student."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback
+
+from .errors import UserError
+
+
+def load_teacher(cfg, recipe, labels: list[str] | None) -> nn.Module:
+    """The teacher: a finished peftcli run directory (its trained method included) or a plain model path."""
+    from . import runs
+    from .models import load_model
+
+    path = Path(cfg.teacher).expanduser()
+    if path.is_dir() and runs.is_run_dir(path):
+        _, record, teacher, _ = runs.load_trained(path)
+        if labels is not None and record.get("labels") not in (None, labels):
+            raise UserError(f"distill.teacher: {path} was trained on labels {record.get('labels')}, the student on "
+                            f"{labels}; distil between runs of the same label set")
+    else:
+        import dataclasses
+
+        section = dataclasses.replace(recipe.model, name_or_path=cfg.teacher)
+        teacher = load_model(section, len(labels) if labels else None, labels)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distill_loss(student_logits, teacher_logits, task_loss, alpha: float, temperature: float, mask=None):
+    """(1 - alpha) task + alpha T^2 KL(softmax(t/T) || softmax(s/T)); T^2 keeps the soft-target gradients on
+    the task loss's scale (Hinton et al. 2015, Sec. 2). `mask` (causal LM) selects the positions that count."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    kl = kl[mask].mean() if mask is not None else kl.mean()
+    return (1 - alpha) * task_loss + alpha * temperature ** 2 * kl
+
+
+class DistillCallback(TrainerCallback):
+    """Installs a forward hook on the student while training: teacher logits are computed on the same inputs
+    without gradients, and the output's loss becomes the distillation mix (the Trainer then uses it as is)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.teacher.to(next(self.student.parameters()).device)
+        self.handle = self.student.register_forward_hook(self._hook, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _hook(self, module, args, kwargs, output):
+        if not module.training or getattr(output, "loss", None) is None:
+            return output
+        inputs = {k: v for k, v in kwargs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_logits = self.teacher(*args, **inputs).logits
+        if teacher_logits.shape != output.logits.shape:
+            raise UserError(f"distill.teacher: its logits have shape {tuple(teacher_logits.shape)}, the student's "
+                            f"{tuple(output.logits.shape)}; use a teacher with the same labels / vocabulary")
+        labels, mask = kwargs.get("labels"), None
+        if labels is not None and output.logits.dim() == 3:  # token-level: only positions with a target
+            # a causal LM's position i predicts token i + 1
+            mask = F.pad(labels[..., 1:] != -100, (0, 1), value=False) if _is_causal(module) else labels != -100
+        output.loss = distill_loss(output.logits, teacher_logits, output.loss, self.cfg.alpha,
+                                   self.cfg.temperature, mask)
+        return output
+
+
+def _is_causal(model: nn.Module) -> bool:
+    return "CausalLM" in type(model).__name__
