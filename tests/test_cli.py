@@ -68,7 +68,8 @@ def test_causal_lm_alpaca_train_eval_merge(tiny_llama, tmp_path):
     (tmp_path / "sft.json").write_text(json.dumps(rows), encoding="utf-8")
     out = tmp_path / "run"
     data = {"train": str(tmp_path / "sft.json"), "eval_fraction": 0.25, "max_length": 64}
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, "causal-lm", {"name": "lora"}, data, out)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, "causal-lm", {"name": "lora"}, data, out,
+                          per_device_train_batch_size=4)  # 6 train rows: a batch of 8 is refused as bad input
     result = invoke("train", recipe)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())

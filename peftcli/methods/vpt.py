@@ -39,10 +39,11 @@ class VisualPrompts(nn.Module):
 
 def vit_parts(model: nn.Module):
     base = model.base_model
-    embeddings, encoder = getattr(base, "embeddings", None), getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None)
+    embeddings = getattr(base, "embeddings", None)
+    # transformers 5 ViTs keep their blocks in `layers`; older layouts in `encoder.layer`
+    layers = getattr(base, "layers", None) or getattr(getattr(base, "encoder", None), "layer", None)
     if embeddings is None or layers is None:
-        raise UserError(f"method.name: vpt needs a ViT-style model (embeddings + encoder.layer); "
+        raise UserError(f"method.name: vpt needs a ViT-style model (embeddings + transformer layers); "
                         f"{type(model).__name__} is not one")
     return embeddings, layers
 
