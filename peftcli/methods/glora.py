@@ -68,7 +68,7 @@ class GloraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.supernet, self.r = supernet, r
-        self.path = dict(path)
+        self.path = {**FULL_PATH, **path}
         if self.bias is None:  # bias paths would add a bias the base layout lacks
             self.path.update({p: "none" for p in BIAS_PARTS})
         allocate = FULL_PATH if supernet else self.path
@@ -97,10 +97,10 @@ class GloraLinear(nn.Module):
             return d @ getattr(self, f"glora_{part}_u")
         return d[:, :1] if choice == "vector" else d[:1, :1]
 
-    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def effective(self, path: dict[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias of the adapted layer in fp32 (Eq. 6 of the paper, with ⊙ for A and D)."""
         w0 = self.weight.float()
-        values = {p: self.value(p, c) for p, c in self.path.items()}
+        values = {p: self.value(p, c) for p, c in (path or self.path).items()}
         weight = w0
         if values["A"] is not None:
             weight = weight + w0 * values["A"]
@@ -119,9 +119,10 @@ class GloraLinear(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = None  # evaluation uses self.path: the full paths, or those set by the search
         if self.supernet and self.training:
-            self.path = {p: random.choice(c) for p, c in self.choices().items()}
-        weight, bias = self.effective()
+            path = {p: random.choice(c) for p, c in self.choices().items()}
+        weight, bias = self.effective(path)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def merged(self) -> nn.Linear:
@@ -147,7 +148,7 @@ def inject(model: nn.Module, cfg: GloraConfig) -> nn.Module:
     if unknown:
         raise UserError(f"method.paths: {unknown[0]!r} is not an adapted layer; adapted layers: {', '.join(names)}")
     for name in names:
-        path = {**FULL_PATH, **cfg.default_path, **cfg.paths.get(name, {})}
+        path = {**cfg.default_path, **cfg.paths.get(name, {})}
         replace_module(model, name, GloraLinear(model.get_submodule(name), cfg.r, path, cfg.supernet))
     return model
 
