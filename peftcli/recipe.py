@@ -80,8 +80,9 @@ def _check_range(value: list) -> str | None:
 
 @dataclasses.dataclass
 class ImportanceSection:
-    scores: dict[str, float] = field(factory=lambda: {"taylor": 1.0}, check=_check_scores,
-                                     doc="score -> weight: weight_l1 | weight_l2 | grad_norm | taylor | fisher | hessian")
+    scores: dict[str, float] = field(
+        factory=lambda: {"taylor": 1.0}, check=_check_scores,
+        doc="score -> weight: weight_l1 | weight_l2 | grad_norm | taylor | fisher | hessian")
     granularity: Literal["tensor", "module", "layer"] = field("layer", doc="what one LR multiplier covers")
     ema: float = field(0.9, check=open_fraction, doc="EMA factor of the scores (0 = latest batch only)")
     mapping: Literal["rank", "power"] = field("rank", doc="rank: exp((u-1/2)/T), u = normalised rank; "

@@ -63,7 +63,10 @@ def read_sources(cfg: AdapterFusionConfig, dim: int):
 
     sizes, acts, placements, files = [], [], set(), []
     for source in cfg.sources:
-        recipe, record = read_run(source)
+        try:
+            recipe, record = read_run(source)
+        except UserError as exc:  # name the recipe key, so users know which line to fix
+            raise UserError(f"method.sources: {exc} (train the source runs first)") from None
         if record["method"] not in SOURCE_METHODS:
             raise UserError(f"method.sources: {source} is a '{record['method']}' run; fuse runs of "
                             f"{' or '.join(SOURCE_METHODS)}")

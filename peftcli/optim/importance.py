@@ -1,7 +1,6 @@
 """Importance-scored learning rates: per-group scores (weights, gradients, Taylor, Fisher, Hessian) -> lr_scale."""
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR

@@ -99,7 +99,8 @@ class ImportanceCallback(TrainerCallback):
         beta = self.cfg.ema
         for kind, value in fresh.items():
             old = self.ema.get(kind)
-            self.ema[kind] = value.clone() if old is None or old.shape != value.shape else beta * old + (1 - beta) * value
+            fresh_start = old is None or old.shape != value.shape
+            self.ema[kind] = value.clone() if fresh_start else beta * old + (1 - beta) * value
 
     def _scope(self) -> torch.Tensor:
         if self.cfg.layers is None:
