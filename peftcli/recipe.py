@@ -122,7 +122,8 @@ def _check_prune(value) -> str | None:
 
 @dataclasses.dataclass
 class LayerDropSection:
-    """Works with any method: layers are skipped at random while training (Fan et al. 2019, LayerDrop)."""
+    """Works with any method: layers are skipped at random while training (Fan et al. 2019, LayerDrop).
+    Skipped layers get no gradient: multi-GPU DDP runs need train.ddp_find_unused_parameters: true."""
 
     rate: float = field(0.1, check=open_fraction, doc="probability of skipping a layer (0.1-0.2 in Fan et al.)")
     schedule: Literal["constant", "linear"] = field("constant", doc="linear: ramp the rate up from 0 over training")

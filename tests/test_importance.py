@@ -117,3 +117,22 @@ def test_bad_importance_settings_name_the_key(tiny_bert):
     raw["optim"]["importance"] = {"scale_range": [2.0, 0.5]}
     with pytest.raises(UserError, match="scale_range"):
         recipe_from_dict(raw, "r.yaml", tiny_bert)
+
+
+def test_peft_train_writes_importance_logs_to_the_run(tiny_bert, tmp_path):
+    from test_cli import invoke, write_recipe
+    from tiny import REVIEWS
+
+    import yaml
+
+    data = {"train": str(REVIEWS / "train.jsonl"), "max_length": 32, "limit": {"train": 48}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, "sequence-classification", {"name": "lora"}, data,
+                          tmp_path / "run", max_steps=6)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["optim"] = {"importance": {"warmup_steps": 2, "update_every": 2, "granularity": "module"}}
+    recipe.write_text(yaml.safe_dump(raw))
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    entries = [json.loads(line) for line in (tmp_path / "run" / "importance.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries] == [2, 4, 6] and len(entries[0]["scale"]) == len(entries[0]["units"]) > 2
+    assert (tmp_path / "run" / "importance.png").is_file()

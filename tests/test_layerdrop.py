@@ -67,3 +67,27 @@ def test_pruned_model_saves_and_reloads_as_plain_hf(task, tiny_models, tmp_path)
     model.save_pretrained(tmp_path)
     reloaded = auto_class(task).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**inputs).logits, expected)
+
+
+def test_cli_trains_with_layerdrop_and_exports_the_pruned_model(tiny_bert, tmp_path):
+    import json
+
+    import yaml
+
+    from test_cli import invoke, write_recipe
+    from tiny import REVIEWS
+
+    data = {"train": str(REVIEWS / "train.jsonl"), "eval": str(REVIEWS / "validation.jsonl"), "max_length": 32,
+            "limit": {"train": 32, "eval": 16}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, "sequence-classification", {"name": "lora"}, data,
+                          tmp_path / "run")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["layerdrop"] = {"rate": 0.5, "schedule": "linear", "prune_layers": [0]}
+    recipe.write_text(yaml.safe_dump(raw))
+    assert invoke("train", recipe).exit_code == 0
+    result = invoke("eval", tmp_path / "run", "--json")
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] <= 1
+    assert invoke("merge-export", tmp_path / "run", "--out", tmp_path / "merged").exit_code == 0
+    merged = auto_class("sequence-classification").from_pretrained(tmp_path / "merged")
+    assert merged.config.num_hidden_layers == 1 and len(layer_stack(merged)) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -14,6 +15,7 @@ from ..errors import UserError
 from ..schema import field, non_negative, positive
 from .registry import Method, match_targets, replace_module, target_error
 
+logger = logging.getLogger("peftcli")
 REPORT_FILE = "svd.json"
 
 
@@ -22,8 +24,10 @@ class SvdConfig:
     rank: int | None = field(None, check=positive, doc="keep this many singular values per layer (or use energy)")
     energy: float = field(0.9, check=lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}",
                           doc="when rank is unset: smallest rank keeping this fraction of Σσ²")
+    # Feed-forward layers under their common HF names (BERT, Llama, ViT/OPT); BERT's "output.dense" suffix also
+    # matches attention.output.dense: use a regex to leave it out (see recipes/glue/sst2-svd.yaml).
     target_modules: list[str] | str = field(factory=lambda: ["intermediate.dense", "output.dense", "gate_proj",
-                                                             "up_proj", "down_proj"],
+                                                             "up_proj", "down_proj", "fc1", "fc2"],
                                             doc="layers to compress: name suffixes, a regex, or all-linear")
     lora_r: int = field(8, check=non_negative, doc="rank of a LoRA update on the compressed layer (0 = none)")
     lora_alpha: float = field(16.0, check=positive, doc="LoRA scale numerator: alpha / lora_r")
@@ -140,6 +144,9 @@ class ReportCallback(TrainerCallback):
             from ..runs import atomic_write
 
             report = compression_report(self.model)
+            if report["compression_ratio"] < 1:
+                logger.warning("svd: the factors hold more weights than the dense layers (ratio %.2f); lower "
+                               "method.energy or set method.rank", report["compression_ratio"])
             atomic_write(os.path.join(args.output_dir, REPORT_FILE), json.dumps(report, indent=2))
 
 
