@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -21,12 +22,21 @@ def read_result(run_dir: Path) -> dict:
     info = _json_or_empty(run_dir / "run_info.json")
     import yaml
 
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    return {"run": str(run_dir), "method": record["method"], "data": Path(str(recipe["data"]["train"])).parent.name,
+    text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    recipe = yaml.safe_load(text)
+    return {"run": str(run_dir), "method": record["method"], "recipe": recipe_name(text, record["method"]),
+            "data": Path(str(recipe["data"]["train"])).parent.name,
             "seed": recipe.get("train", {}).get("seed", 42), "trainable_params": record["trainable_params"],
             "trainable_pct": 100.0 * record["trainable_params"] / max(record["total_params"], 1),
             "metrics": metrics, **{k: info.get(k) for k in ("train_seconds", "train_samples_per_second",
                                                              "peak_memory_mib", "device")}}
+
+
+def recipe_name(text: str, fallback: str) -> str:
+    """The recipe a run came from (its saved recipe opens with "# Resolved recipe of this run (from X)."): two
+    recipes of one method (say LoRA with and without importance scaling) must not be averaged together."""
+    match = re.match(r"# Resolved recipe of this run \(from (.+?)\)\.", text)
+    return Path(match.group(1)).stem if match else fallback
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -37,11 +47,11 @@ def group(rows: list[dict]) -> list[dict]:
     """Runs that differ only by seed become one row with mean and std of every metric."""
     buckets: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        buckets[(row["data"], row["method"])].append(row)
+        buckets[(row["data"], row["recipe"], row["method"])].append(row)
     out = []
-    for (data, method), members in buckets.items():
+    for (data, recipe, method), members in buckets.items():
         names = sorted({m for r in members for m in r["metrics"]})
-        summary = {"data": data, "method": method, "seeds": len(members),
+        summary = {"data": data, "recipe": recipe, "method": method, "seeds": len(members),
                    "trainable_params": members[0]["trainable_params"], "trainable_pct": members[0]["trainable_pct"],
                    "train_seconds": _mean([r["train_seconds"] for r in members]),
                    "samples_per_second": _mean([r["train_samples_per_second"] for r in members]),
@@ -52,7 +62,7 @@ def group(rows: list[dict]) -> list[dict]:
             summary[name] = _mean(values)
             summary[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(summary)
-    return sorted(out, key=lambda r: (r["data"], r["method"]))
+    return sorted(out, key=lambda r: (r["data"], r["recipe"]))
 
 
 def _mean(values):
@@ -63,10 +73,11 @@ def _mean(values):
 def markdown(rows: list[dict]) -> str:
     metric_names = sorted({k for r in rows for k in r if k.endswith("_std")})
     metric_names = [k[:-4] for k in metric_names]
-    head = ["data", "method", "seeds", "trainable", *metric_names, "train s", "samples/s", "peak MiB"]
+    head = ["data", "recipe", "method", "seeds", "trainable", *metric_names, "train s", "samples/s", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["data"], r["method"], str(r["seeds"]), f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%)"]
+        cells = [r["data"], r["recipe"], r["method"], str(r["seeds"]),
+                 f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%)"]
         for name in metric_names:
             value = r.get(name)
             cells.append("" if value is None else f"{100 * value:.1f} ± {100 * r[name + '_std']:.1f}"
@@ -101,7 +112,7 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     if not shown:
         return
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(shown)), 3.5), dpi=120)
-    labels = [f"{r['data']}\n{r['method']}" for r in shown]
+    labels = [f"{r['data']}\n{r['recipe']}" for r in shown]
     ax.bar(labels, [r[metric] for r in shown], yerr=[r[f"{metric}_std"] for r in shown], capsize=3)
     ax.set_ylabel(metric)
     ax.tick_params(axis="x", labelsize=7, rotation=60)

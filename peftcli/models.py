@@ -103,12 +103,25 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: the head is trained
     try:
-        return auto_class(model.task).from_pretrained(path, **kwargs)
+        loaded = auto_class(model.task).from_pretrained(path, **kwargs)
+        if model.gguf_file:
+            mark_dequantized(loaded)
+        return loaded
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load {model.name_or_path} for task {model.task}: "
                         f"{' '.join(str(exc).split())[:300]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def mark_dequantized(model) -> None:
+    """transformers dequantises GGUF weights into dense tensors on load but keeps its quantizer attached, and the
+    Trainer then refuses to train the model. Nothing is quantised any more, so drop the marker."""
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def build_skeleton(model: ModelSection, num_labels: int | None = None, labels: list[str] | None = None):

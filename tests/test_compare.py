@@ -12,7 +12,8 @@ from peftcli.cli import app
 
 def fake_run(folder, method, seed, accuracy, seconds):
     folder.mkdir(parents=True)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump({"data": {"train": "/d/SST-2/train.tsv"},
+    (folder / "recipe.yaml").write_text(f"# Resolved recipe of this run (from recipes/sst2-{method}.yaml).\n" +
+                                        yaml.safe_dump({"data": {"train": "/d/SST-2/train.tsv"},
                                                         "train": {"seed": seed}}))
     (folder / "method.json").write_text(json.dumps({"method": method, "trainable_params": 100,
                                                     "total_params": 10000}))
@@ -31,7 +32,7 @@ def test_compare_groups_seeds(tmp_path):
     assert rows["lora"]["seeds"] == 2 and rows["lora"]["accuracy"] == pytest.approx(0.85)
     assert rows["lora"]["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
     assert rows["lora"]["trainable_pct"] == pytest.approx(1.0)
-    assert "85.0 ± 7.1" in result.stdout and "| SST-2 | full | 1 |" in result.stdout
+    assert "85.0 ± 7.1" in result.stdout and "| SST-2 | sst2-full | full | 1 |" in result.stdout
     assert (tmp_path / "table.png").stat().st_size > 0 and (tmp_path / "table.csv").is_file()
 
 

@@ -19,6 +19,7 @@ from ..errors import UserError
 ARCHITECTURES = (
     ("attention", "attention.output.dense", "intermediate", "output.dense"),  # BERT, RoBERTa, MiniLM, ELECTRA
     ("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj"),               # Llama, Mistral, Qwen2, Gemma
+    ("attention", "attention.o_proj", "mlp", "mlp.fc2"),                     # ViT (transformers 5 layout)
 )
 _BLOCK = re.compile(r"(?:.*\.)?(?:layers?|h|blocks?)\.(\d+)")
 NORM_SUFFIXES = ("LayerNorm", "RMSNorm", "Norm")
