@@ -169,14 +169,22 @@ def label_predictions(task, rows, section: DataSection, logits, label_ids, label
         _, predicted = tag_sequences(logits.argmax(-1), label_ids, labels)
         return [{"tokens": row[section.tokens], "tags": [str(t) for t in row[section.tags]], "predicted": tags}
                 for row, tags in zip(rows, predicted)]
-    texts = [{"text": row[section.text], **({"text_pair": row[section.text_pair]} if section.text_pair else {})}
-             for row in rows]
+    texts = [example_inputs(task, row, section) for row in rows]
     if labels is None:  # regression
         return [{**t, "label": float(g), "prediction": float(p)}
                 for t, g, p in zip(texts, label_ids.reshape(-1), logits.reshape(-1))]
     probabilities = torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
     return [{**t, "label": labels[int(g)], "prediction": labels[int(p.argmax())], "score": float(p.max())}
             for t, g, p in zip(texts, label_ids, probabilities)]
+
+
+def example_inputs(task: str, row: dict, section: DataSection) -> dict:
+    """What a prediction line shows of its input: the text (pair), or the image's path."""
+    if task == "image-classification":
+        value = row.get(section.image)
+        path = value if isinstance(value, str) else value.get("path") if isinstance(value, dict) else None
+        return {"image": path}
+    return {"text": row[section.text], **({"text_pair": row[section.text_pair]} if section.text_pair else {})}
 
 
 def _score_lm(trainer, loaded: Loaded, section: DataSection, rows: list[dict], names: list[str],

@@ -111,3 +111,23 @@ def test_merge_export_refuses_its_own_input(tiny_bert, tmp_path):
     assert invoke("train", recipe).exit_code == 0
     result = invoke("merge-export", out, "--out", out)
     assert result.exit_code == 2 and "run directory itself" in result.stderr
+
+
+def test_image_classification_train_then_eval(tmp_path):
+    """VPT on scikit-learn digits: the image task through train, eval (with predictions) and a refused merge."""
+    from tiny import build_tiny_vit, write_digits
+
+    write_digits(tmp_path / "digits")
+    build_tiny_vit(tmp_path / "vit")
+    out = tmp_path / "run"
+    data = {"train": str(tmp_path / "digits" / "train"), "eval": str(tmp_path / "digits" / "test")}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "vit", "image-classification", {"name": "vpt"}, data, out,
+                          max_steps=2)
+    assert invoke("train", recipe).exit_code == 0
+    result = invoke("eval", out, "--json", "--predictions", tmp_path / "pred.jsonl")
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] <= 1
+    first = json.loads((tmp_path / "pred.jsonl").read_text().splitlines()[0])
+    assert first["image"].endswith(".png") and first["label"] in [str(d) for d in range(10)]
+    result = invoke("merge-export", out, "--out", tmp_path / "merged")
+    assert result.exit_code == 2 and "peft export" in result.stderr

@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digits_tree():
+    """recipes/prompt/digits_vpt.yaml reads build/digits, which `python scripts/make_digits.py` writes."""
+    if not (REPO / "build" / "digits" / "vit").is_dir():
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_digits.py"), "--out",
+                        str(REPO / "build" / "digits")], check=True, capture_output=True)
+
+
 def sources_of(recipe: Path) -> list[str]:
     return (yaml.safe_load(recipe.read_text(encoding="utf-8")).get("method") or {}).get("sources") or []
 
