@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -198,26 +197,17 @@ def merge_export(run_dir: str, out: str, dtype: str = "float32", overwrite: bool
     if not method.mergeable:
         raise UserError(f"method '{method.name}' cannot be merged into the base weights: {method.merge_hint} "
                         f"(use the run directory itself with `peft eval {run_dir}`)")
-    target = Path(out).expanduser()
-    if target.resolve() == Path(run_dir).resolve():
-        raise UserError(f"--out {out} is the run directory itself; choose a new folder, e.g. {run_dir}/merged")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
+    target = runs.check_output_folder(run_dir, out, overwrite, "merged")
     _, _, model, tokenizer = runs.load_trained(run_dir)
     model = method.merge(model, recipe.method)
     check_finite(model)
     model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    runs.write_folder_atomically(target, fill)
     return target
 
 

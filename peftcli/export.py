@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -34,7 +32,7 @@ class Trained:
 
 def export(run_dir: str, out: str, fmt: str = "peft", overwrite: bool = False) -> Path:
     recipe, record = runs.read_run(run_dir)
-    target = _check_out(run_dir, out, overwrite)
+    target = runs.check_output_folder(run_dir, out, overwrite, "export")
     if fmt == "tensors":
         if not (Path(run_dir) / runs.TENSORS).is_file():
             raise UserError(f"{run_dir}: no {runs.TENSORS}; the run did not finish saving (resume it first)")
@@ -158,27 +156,9 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
-def _check_out(run_dir: str, out: str, overwrite: bool) -> Path:
-    target = Path(out).expanduser()
-    if target.resolve() == Path(run_dir).resolve():
-        raise UserError(f"--out {out} is the run directory itself; choose a new folder, e.g. {run_dir}/export")
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
-    return target
-
-
 def _write_folder(target: Path, files: dict[str, bytes | str]) -> None:
-    """Write every file into a staging folder beside `target`, then swap it in: no half-written exports."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def fill(staging: Path) -> None:
         for name, data in files.items():
             (staging / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    runs.write_folder_atomically(target, fill)

@@ -96,6 +96,10 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
         kwargs["gguf_file"] = model.gguf_file
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
+    if model.task in ("sequence-classification", "token-classification", "image-classification"):
+        # The task head is trained from scratch anyway: a base that ships a head for another label count
+        # (a fine-tuned checkpoint) gets a fresh head instead of a size-mismatch error.
+        kwargs["ignore_mismatched_sizes"] = True
     if not model.allow_pickle:
         kwargs["use_safetensors"] = None if model.gguf_file else True
     from transformers.utils import logging as hf_logging

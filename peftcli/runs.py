@@ -154,3 +154,33 @@ def _unpack(model: torch.nn.Module, path: Path, tensors: dict) -> dict:
 def write_recipe(recipe: Recipe, output_dir: Path) -> None:
     atomic_write(output_dir / RECIPE, f"# Resolved recipe of this run (from {recipe.source}).\n" +
                  dump_recipe(recipe.raw))
+
+
+def check_output_folder(run_dir: str | Path, out: str, overwrite: bool, example: str) -> Path:
+    """An output folder for merge-export/export: never the run itself, never a file, never silently replaced."""
+    target = Path(out).expanduser()
+    if target.resolve() == Path(run_dir).resolve():
+        raise UserError(f"--out {out} is the run directory itself; choose a new folder, e.g. {run_dir}/{example}")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
+    return target
+
+
+def write_folder_atomically(target: Path, fill) -> None:
+    """`fill(staging)` writes into a staging folder beside `target`, which is then swapped in: readers never see
+    a half-written folder, and a failure leaves the old one untouched."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+

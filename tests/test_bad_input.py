@@ -124,3 +124,35 @@ def test_the_unmutated_recipe_is_valid(tiny_bert, tmp_path, monkeypatch):
     result = run_cli("validate", str(tmp_path / "r.yaml"))
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+
+
+def test_tokenizer_without_pad_or_eos_token(case_env, tiny_bert, tmp_path):
+    """Batching needs a pad token (or an EOS to pad with): a tokenizer with neither is refused before training."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(tiny_bert, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(folder)}, "method": {"name": "lora"}, "train": {"output_dir": str(case_env)},
+        "data": {"train": str(CASES / "data" / "three_labels.jsonl")}}))
+    assert_refused(run_cli("train", str(recipe)), "has neither a pad nor an eos token", case_env)
+
+
+def test_merging_a_prompt_method_is_refused(tiny_bert, tmp_path):
+    """Prompt tuning has nothing to fold into the weights: merge-export says so and names the alternative."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_bert)}, "method": {"name": "prompt_tuning"},
+        "data": {"train": str(CASES / "data" / "three_labels.jsonl")},
+        "train": {"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 2}}))
+    assert run_cli("train", str(recipe)).exit_code == 0
+    merged = tmp_path / "merged"
+    result = run_cli("merge-export", str(out), "--out", str(merged))
+    assert_refused(result, "cannot be merged", merged)

@@ -52,8 +52,11 @@ def test_fusion_recipe_validates_after_its_sources(recipe, shared_data, tmp_path
                                           "--set", f"data.train={shared_data}/glue/SST-2/train.tsv",
                                           "--set", f"data.eval={shared_data}/glue/SST-2/dev.tsv"])
         assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["validate", str(recipe), "--set", f"data.train={shared_data}/glue/SST-2/train.tsv",
-                                      "--set", f"data.eval={shared_data}/glue/SST-2/dev.tsv"])
+    data = ["--set", f"data.train={shared_data}/glue/SST-2/train.tsv",
+            "--set", f"data.eval={shared_data}/glue/SST-2/dev.tsv", "--set", "data.limit={train: 64, eval: 64}"]
+    result = CliRunner().invoke(app, ["validate", str(recipe), *data])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["train", str(recipe), *data, "--set", "train.max_steps=2"])
     assert result.exit_code == 0, result.output
 
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from peftcli.kernels.fused import rms_norm, swiglu, triton_available
 from peftcli.speedups import FusedRMSNorm, FusedSwiGLUMLP, use_fused_kernels

@@ -1,7 +1,6 @@
 """Training features for speed: gradient checkpointing, torch.compile of method layers, length-grouped batches."""
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
