@@ -131,3 +131,22 @@ def test_image_classification_train_then_eval(tmp_path):
     assert first["image"].endswith(".png") and first["label"] in [str(d) for d in range(10)]
     result = invoke("merge-export", out, "--out", tmp_path / "merged")
     assert result.exit_code == 2 and "peft export" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_prompt_method_runs_generate_and_score(method, tiny_llama, tmp_path):
+    """Virtual tokens / prefixes survive the whole path: train, then `peft generate` and `peft eval --generate`."""
+    rows = [{"instruction": f"say the word {w}", "input": "", "output": f"{w} {w}"}
+            for w in ("great", "bad", "film", "food", "slow", "fresh", "loud", "warm")]
+    (tmp_path / "sft.json").write_text(json.dumps(rows), encoding="utf-8")
+    out = tmp_path / "run"
+    data = {"train": str(tmp_path / "sft.json"), "eval_fraction": 0.25, "max_length": 48}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, "causal-lm", {"name": method}, data, out,
+                          max_steps=2, per_device_train_batch_size=2)
+    assert invoke("train", recipe).exit_code == 0
+    result = invoke("generate", out, "--prompt", "say the word food", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    result = invoke("eval", out, "--generate", "--max-new-tokens", "4", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"loss", "exact_match"} <= set(metrics)
