@@ -28,6 +28,7 @@ class Trained:
     record: dict
     model: torch.nn.Module
     initial: dict[str, torch.Tensor]
+    run_dir: Path | None = None
 
 
 def export(run_dir: str, out: str, fmt: str = "peft", overwrite: bool = False) -> Path:
@@ -58,7 +59,7 @@ def load_trained(run_dir: str) -> Trained:
     model = runs.prepare_model(model, recipe.method_name, recipe.method)
     initial = {k: v.clone() for k, v in trainable_state(model).items()}
     runs.load_tensors_into(model, Path(run_dir) / runs.TENSORS)
-    return Trained(recipe, record, model.eval(), initial)
+    return Trained(recipe, record, model.eval(), initial, Path(run_dir))
 
 
 def peft_common(trained: Trained, peft_type: str, target_modules: list[str]) -> tuple[dict, dict]:
@@ -145,9 +146,45 @@ def peft_vera(trained: Trained) -> tuple[dict, dict]:
     return config, tensors
 
 
+def peft_adalora(trained: Trained) -> tuple[dict, dict]:
+    """AdaLoRA as peft's SVDLinear: delta = B·(A ⊙ E)·lora_alpha / (ranknum + 1e-5), ranknum = init_r. Our
+    update is scale·P·diag(Λ⊙mask)·Q, so the mask and the scale ratio are folded into lora_E; pruned triplets
+    are dropped and `rank_pattern` ({module}.lora_E -> keep flags, as peft saves it) restores the shapes."""
+    from .methods.adalora import adalora_modules
+
+    cfg = trained.recipe.method
+    modules = adalora_modules(trained.model)
+    config, tensors = peft_common(trained, "ADALORA", list(modules))
+    rank_pattern = {}
+    for name, module in modules.items():
+        mask = module.adalora_mask.detach().float().cpu()
+        keep = mask != 0
+        ranknum = float(module.lora_A.shape[0])  # peft keeps the initial rank as the divisor after resizing
+        # fp32 like peft's ranknum parameter, so the folded factor cancels its epsilon exactly
+        divisor = (torch.tensor(ranknum, dtype=torch.float32) + 1e-5).double().item()
+        e = module.lora_E.detach().double().cpu() * mask.double() * module.scale * divisor / cfg.alpha
+        tensors.update({f"{PREFIX}{name}.lora_A": module.lora_A.detach().cpu()[keep],
+                        f"{PREFIX}{name}.lora_B": module.lora_B.detach().cpu()[:, keep],
+                        f"{PREFIX}{name}.lora_E": e[keep].float().unsqueeze(1)})
+        rank_pattern[f"{name}.lora_E"] = keep.tolist()
+    total = 0
+    if trained.run_dir is not None and (trained.run_dir / "trainer_state.json").is_file():
+        total = json.loads((trained.run_dir / "trainer_state.json").read_text(encoding="utf-8")).get("max_steps", 0)
+    total = max(int(total or 0), 1)  # peft requires total_step > 0; it only matters for further training
+    tinit, tfinal = int(cfg.warmup * total), int(cfg.final * total)
+    if tinit >= total - tfinal:
+        tinit = tfinal = 0
+    config.update({
+        "init_r": cfg.init_r, "target_r": cfg.target_r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "tinit": tinit, "tfinal": tfinal, "deltaT": cfg.delta_t, "beta1": cfg.beta1, "beta2": cfg.beta2,
+        "orth_reg_weight": cfg.orth_reg_weight, "total_step": total, "rank_pattern": rank_pattern,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True})
+    return config, tensors
+
+
 # One function per method: (Trained) -> (adapter_config dict, adapter_model tensors).
 PEFT_EXPORTERS: dict[str, Callable[[Trained], tuple[dict, dict]]] = {
-    "lora": peft_lora, "ia3": peft_ia3, "vera": peft_vera}
+    "lora": peft_lora, "ia3": peft_ia3, "vera": peft_vera, "adalora": peft_adalora}
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

@@ -19,8 +19,9 @@ peft = pytest.importorskip("peft")
 runner = CliRunner()
 
 
-def make_run(tmp_path, folder, task, method: dict):
-    """A finished run directory whose trained tensors are moved away from their init (as training would)."""
+def make_run(tmp_path, folder, task, method: dict, before_save=None):
+    """A finished run directory whose trained tensors are moved away from their init (as training would);
+    `before_save(model)` can change more state (e.g. AdaLoRA's rank masks) before the run is saved."""
     out = tmp_path / "run"
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump({
@@ -29,6 +30,8 @@ def make_run(tmp_path, folder, task, method: dict):
     recipe = load_recipe(recipe_path)
     model = runs.prepare_model(lc.load_base(folder, task), recipe.method_name, recipe.method)
     lc.perturb(model)
+    if before_save is not None:
+        before_save(model)
     labels = ["negative", "positive"] if task == "sequence-classification" else None
     out.mkdir()
     runs.write_recipe(recipe, out)
@@ -76,6 +79,53 @@ def test_peft_loads_the_export_and_reproduces_outputs(case, task, tiny_models, t
         assert config["modules_to_save"] == ["classifier"]
         assert "base_model.model.classifier.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
     torch.testing.assert_close(peft_outputs(folder, task, tmp_path / "peft"), expected, rtol=1e-4, atol=1e-4)
+
+
+def _prune_adalora_ranks(model):
+    """Mask triplets off as the budget callback would: a different count per layer, one layer pruned to rank 0."""
+    from peftcli.methods.adalora import adalora_modules
+
+    with torch.no_grad():
+        for i, module in enumerate(adalora_modules(model).values()):
+            r = module.adalora_mask.numel()
+            mask = torch.ones(r)
+            mask[torch.randperm(r, generator=torch.Generator().manual_seed(i))[:i % r]] = 0.0
+            if i == 1:
+                mask.zero_()
+            module.adalora_mask.copy_(mask)
+            module.lora_E.add_(0.5)  # Λ starts at zero; make every kept triplet count
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
+@pytest.mark.parametrize("targets", ["default", "all-linear"])
+def test_adalora_exports_with_rank_pattern_and_reproduces_outputs(task, targets, tiny_models, tmp_path):
+    folder = tiny_models[task]
+    method = {"name": "adalora", "init_r": 6, "target_r": 3, "alpha": 5.0}
+    if targets == "all-linear":
+        method["target_modules"] = "all-linear"
+    run, expected = make_run(tmp_path, folder, task, method, before_save=_prune_adalora_ranks)
+    base_outputs = lc.outputs(lc.load_base(folder, task).eval(), lc.sample_inputs(task))
+    assert not torch.allclose(base_outputs, expected, atol=1e-3)  # the adapter changes the outputs
+    result = export(run, tmp_path / "peft")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["init_r"] == 6 and config["lora_alpha"] == 5.0
+    peft.AdaLoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})  # a valid peft config
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ranks = {k[:-len(".lora_E")]: sum(v) for k, v in config["rank_pattern"].items()}
+    assert len(ranks) == len(config["target_modules"]) and 0 in ranks.values() and 6 in ranks.values()
+    assert sorted(set(ranks.values())) != [6]
+    for name, r in ranks.items():
+        key = f"base_model.model.{name}"
+        assert tensors[f"{key}.lora_E"].shape == (r, 1)
+        assert tensors[f"{key}.lora_A"].shape[0] == r and tensors[f"{key}.lora_B"].shape[1] == r
+    if task == "sequence-classification":
+        assert config["modules_to_save"] == ["classifier"]
+        assert "base_model.model.classifier.weight" in tensors
+    loaded = peft.PeftModel.from_pretrained(lc.load_base(folder, task), str(tmp_path / "peft")).eval()
+    layer = loaded.base_model.model.get_submodule(next(n for n, r in ranks.items() if 0 < r < 6))
+    assert layer.lora_E["default"].shape[0] < 6 and float(layer.ranknum["default"]) == 6.0
+    torch.testing.assert_close(lc.outputs(loaded, lc.sample_inputs(task)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_conv1d_lora_exports_with_fan_in_fan_out(tmp_path):
