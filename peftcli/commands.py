@@ -153,7 +153,7 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
     if method.callbacks:
         callbacks += method.callbacks(recipe.method, model)
     callbacks += training_callbacks(recipe)
-    return PeftTrainer(
+    trainer = PeftTrainer(
         model=model, args=args, train_dataset=the_plan.data.train, eval_dataset=the_plan.data.eval,
         data_collator=make_collator(recipe.model.task, the_plan.tokenizer, packing=recipe.data.packing),
         processing_class=the_plan.tokenizer,
@@ -161,6 +161,11 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
                                              the_plan.data.labels),
         callbacks=callbacks, optim_rules=recipe.optim, recipe_sha256=recipe_sha256,
         save_trained=lambda m, d, gathered=None: runs.save_trained(m, d, record, gathered))
+    if recipe.model.task != "causal-lm":
+        # HF classification heads take **kwargs but return a per-process mean loss that ignores
+        # num_items_in_batch; left True, the Trainer would multiply it by the number of processes (DDP: x2 loss).
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def final_metrics(trainer, the_plan: Plan, report_dir: Path | None = None) -> dict:
