@@ -207,6 +207,9 @@ def build_method(section, where: Where, task: str):
     if not isinstance(section, dict) or "name" not in section:
         raise where.error(f"needs 'name:' (one of {', '.join(METHODS)})")
     name = section["name"]
+    if not isinstance(name, str):
+        raise where.child("name", section).error(f"expected a method name (text), got {name!r}; registered: "
+                                                 f"{', '.join(METHODS)}")
     method = get_method(name, where.child("name", section))
     if task not in method.tasks:
         raise where.child("name", section).error(

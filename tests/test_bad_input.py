@@ -89,7 +89,11 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(
 paths = st.sampled_from([(s, k) for s, section in VALID.items() for k in section] + [(s, None) for s in VALID])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# CI replays the same 40 mutations (derandomized); PEFT_FUZZ_EXAMPLES=N explores N fresh random ones.
+FUZZ = int(os.environ.get("PEFT_FUZZ_EXAMPLES", "0"))
+
+
+@settings(max_examples=FUZZ or 40, derandomize=not FUZZ, deadline=None, suppress_health_check=list(HealthCheck))
 @given(edits=st.lists(st.tuples(paths, scalars, st.sampled_from(["set", "delete", "add"])), min_size=1, max_size=3))
 def test_mutated_recipes_never_crash(edits, tmp_path_factory, tiny_bert, tiny_llama):
     """Any mutation of a valid recipe either validates or is refused with exit 2: never a traceback."""
