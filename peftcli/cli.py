@@ -178,6 +178,10 @@ def validate(
     checked = commands.validate(recipe, set_ or [])
     labels = f", {len(checked.data.labels)} labels" if checked.data.labels else ""
     evals = len(checked.data.eval) if checked.data.eval is not None else 0
+    if checked.tasks:  # multi-task: data.eval maps task -> examples
+        evals = sum(len(t.eval or []) for t in checked.tasks)
+        labels = "; tasks " + ", ".join(f"{t.name} ({len(t.train)} train, {t.num_labels} labels)"
+                                        for t in checked.tasks)
     typer.echo(f"ok: {recipe}: method {checked.recipe.method_name}, {len(checked.data.train)} train / "
                f"{evals} eval examples{labels}")
 

@@ -33,6 +33,7 @@ class Plan:
     data: Prepared
     num_labels: int | None
     metrics: list[str]
+    tasks: list | None = None  # multi-task runs (data.tasks): multitask.TaskInfo per task, in recipe order
 
 
 def plan(recipe: Recipe) -> Plan:
@@ -40,6 +41,10 @@ def plan(recipe: Recipe) -> Plan:
     (built on the meta device, so no weights are read)."""
     from .models import build_skeleton, load_tokenizer
 
+    if recipe.data.tasks:
+        from .multitask import plan_tasks
+
+        return plan_tasks(recipe)
     tokenizer = load_tokenizer(recipe.model)
     train_rows, eval_rows = load_splits(recipe.data, recipe.train.get("seed", 42))
     data = prepare(recipe.model.task, tokenizer, recipe.data, recipe.model, train_rows, eval_rows)
@@ -53,7 +58,7 @@ def plan(recipe: Recipe) -> Plan:
     check_metrics(metrics, recipe.model.task, regression)
     check_training_eval(recipe, metrics, data.labels, data.eval is not None)
     skeleton = build_skeleton(recipe.model, num_labels, data.labels)
-    runs.prepare_model(skeleton, recipe.method_name, recipe.method)
+    runs.prepare_model(skeleton, recipe.method_name, recipe.method, recipe.share_across_layers)
     return Plan(recipe, tokenizer, data, num_labels, metrics)
 
 
@@ -79,7 +84,9 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
         raise UserError(f"train.output_dir: {out} is / or your home directory; choose a run folder such as runs/x")
     if out.exists() and not out.is_dir():
         raise UserError(f"train.output_dir: {out} is a file; choose a directory")
-    for source in filter(None, [recipe.model.name_or_path, recipe.data.train, recipe.data.eval]):
+    tasks = (recipe.data.tasks or {}).values()
+    for source in filter(None, [recipe.model.name_or_path, recipe.data.train, recipe.data.eval,
+                                *[path for task in tasks for path in (task.train, task.eval)]]):
         src = Path(source).expanduser()
         if src.is_dir() and (resolved == src.resolve() or src.resolve() in resolved.parents):
             raise UserError(f"train.output_dir: {out} is inside the input folder {src}; write runs elsewhere")
@@ -110,8 +117,13 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     set_seed(recipe.train.get("seed", 42))
     from .models import load_model
 
-    model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
-    model = runs.prepare_model(model, recipe.method_name, recipe.method)
+    if the_plan.tasks:
+        from .multitask import load_task_model
+
+        model = load_task_model(recipe, the_plan.tasks)
+    else:
+        model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
+        model = runs.prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers)
     if recipe.data.packing:  # with a KV cache transformers ignores packed position_ids: examples would mix
         model.config.use_cache = False
     if overwrite and out.exists() and not resume and process_rank() == 0:
@@ -120,6 +132,8 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     if process_rank() == 0:
         runs.write_recipe(recipe, out)
     record = runs.method_record(recipe, model, the_plan.data.labels)
+    if the_plan.tasks:
+        record["tasks"] = [task.record() for task in the_plan.tasks]
     trainer = build_trainer(the_plan, model, out, record, recipe_sha256=recipe_hash)
     for callback in recipe_callbacks(recipe, model, the_plan.data.labels):  # layerdrop, distill
         trainer.add_callback(callback)
@@ -153,14 +167,19 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
     if method.callbacks:
         callbacks += method.callbacks(recipe.method, model)
     callbacks += training_callbacks(recipe)
-    trainer = PeftTrainer(
+    trainer_cls, task_options = PeftTrainer, {}
+    if the_plan.tasks:  # single-task batches, per-task heads and metrics (multitask.py)
+        from .multitask import make_trainer_class, trainer_options
+
+        trainer_cls, task_options = make_trainer_class(), trainer_options(the_plan)
+    trainer = trainer_cls(
         model=model, args=args, train_dataset=the_plan.data.train, eval_dataset=the_plan.data.eval,
         data_collator=make_collator(recipe.model.task, the_plan.tokenizer, packing=recipe.data.packing),
         processing_class=the_plan.tokenizer,
-        compute_metrics=make_compute_metrics(recipe.model.task, the_plan.metrics, the_plan.num_labels,
-                                             the_plan.data.labels),
+        compute_metrics=None if the_plan.tasks else make_compute_metrics(
+            recipe.model.task, the_plan.metrics, the_plan.num_labels, the_plan.data.labels),
         callbacks=callbacks, optim_rules=recipe.optim, recipe_sha256=recipe_sha256,
-        save_trained=lambda m, d, gathered=None: runs.save_trained(m, d, record, gathered))
+        save_trained=lambda m, d, gathered=None: runs.save_trained(m, d, record, gathered), **task_options)
     if recipe.model.task != "causal-lm":
         # HF classification heads take **kwargs but return a per-process mean loss that ignores
         # num_items_in_batch; left True, the Trainer would multiply it by the number of processes (DDP: x2 loss).
@@ -172,6 +191,10 @@ def final_metrics(trainer, the_plan: Plan, report_dir: Path | None = None) -> di
     """The recipe's metrics on its eval data; with report_dir, per_class.json + confusion_matrix.png there."""
     from .evaluation import final_scores
 
+    if the_plan.tasks:
+        from .multitask import final_scores as task_scores
+
+        return task_scores(trainer, the_plan, report_dir)
     return final_scores(trainer, the_plan, report_dir)
 
 
@@ -198,6 +221,10 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "eval", **optio
 
 def merge_export(run_dir: str, out: str, dtype: str = "float32", overwrite: bool = False) -> Path:
     recipe, record = runs.read_run(run_dir)
+    if record.get("tasks"):
+        from .multitask import merge_export as merge_tasks
+
+        return merge_tasks(run_dir, out, dtype, overwrite)
     method = get_method(record["method"])
     if not method.mergeable:
         raise UserError(f"method '{method.name}' cannot be merged into the base weights: {method.merge_hint} "
@@ -251,7 +278,9 @@ def absolutize_paths(raw: dict) -> None:
     if path and not path.startswith("pkg:") and Path(path).expanduser().exists():
         model["name_or_path"] = str(Path(path).expanduser().resolve())
     data = raw.get("data", {})
-    for key in ("train", "eval"):
-        value = data.get(key)
-        if value and not value.startswith("hub:") and not any(c in value for c in "*?[") and Path(value).exists():
-            data[key] = str(Path(value).resolve())
+    for section in [data, *(data.get("tasks") or {}).values()]:
+        for key in ("train", "eval"):
+            value = section.get(key)
+            if value and not value.startswith("hub:") and not any(c in value for c in "*?[") and \
+                    Path(value).exists():
+                section[key] = str(Path(value).resolve())

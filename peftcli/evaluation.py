@@ -31,6 +31,7 @@ class Loaded:
     tokenizer: object
     labels: list[str] | None
     num_labels: int | None
+    tasks: list | None = None  # multi-task runs: multitask.TaskInfo per task
 
 
 @dataclasses.dataclass
@@ -70,7 +71,12 @@ def load_target(target: str, base: bool = False, which: str | None = None) -> Lo
     if not base:
         runs.read_run(target)  # a clear error before anything else when target is not a run
         recipe, record, model, tokenizer = runs.load_trained(target, checkpoint_dir(Path(target), which))
-        return Loaded(recipe, model, tokenizer, record.get("labels"), record.get("num_labels"))
+        tasks = None
+        if record.get("tasks"):
+            from .multitask import tasks_from_record
+
+            tasks = tasks_from_record(record)
+        return Loaded(recipe, model, tokenizer, record.get("labels"), record.get("num_labels"), tasks)
     if which:
         raise UserError("--checkpoint and --base exclude each other: --base scores the untrained base model")
     from transformers import set_seed
@@ -82,8 +88,13 @@ def load_target(target: str, base: bool = False, which: str | None = None) -> Lo
     recipe = load_recipe(path / runs.RECIPE if path.is_dir() and runs.is_run_dir(path) else path)
     the_plan = plan(recipe)  # label order inferred from the train data, exactly as training would
     set_seed(recipe.train.get("seed", 42))  # an untrained head is random: seeded, so the score repeats
-    model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels).eval()
-    return Loaded(recipe, model, the_plan.tokenizer, the_plan.data.labels, the_plan.num_labels)
+    if the_plan.tasks:
+        from .multitask import base_task_model
+
+        model = base_task_model(recipe, the_plan.tasks).eval()
+    else:
+        model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels).eval()
+    return Loaded(recipe, model, the_plan.tokenizer, the_plan.data.labels, the_plan.num_labels, the_plan.tasks)
 
 
 def eval_rows(recipe: Recipe, data: str | None, split: str, target: str) -> tuple[DataSection, list[dict]]:
@@ -111,6 +122,10 @@ def generation_names(names: list[str], forced: bool) -> list[str]:
 def evaluate(target: str, options: EvalOptions) -> dict:
     loaded = load_target(target, options.base, options.checkpoint)
     recipe = loaded.recipe
+    if loaded.tasks:
+        from .multitask import evaluate as evaluate_tasks
+
+        return evaluate_tasks(loaded, options, target)
     section, rows = eval_rows(recipe, options.data, options.split, target)
     names = metric_names(recipe, loaded.num_labels)
     report = None

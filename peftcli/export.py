@@ -55,8 +55,11 @@ def load_trained(run_dir: str) -> Trained:
     from .models import load_model
 
     recipe, record = runs.read_run(run_dir)
+    if record.get("tasks"):
+        raise UserError(f"{run_dir}: a multi-task run has one head per task, which HF peft's adapter format cannot "
+                        f"hold; use --format tensors, or `peft merge-export` for one plain model per task")
     model = load_model(recipe.model, record.get("num_labels"), record.get("labels"))
-    model = runs.prepare_model(model, recipe.method_name, recipe.method)
+    model = runs.prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers)
     initial = {k: v.clone() for k, v in trainable_state(model).items()}
     runs.load_tensors_into(model, Path(run_dir) / runs.TENSORS)
     return Trained(recipe, record, model.eval(), initial, Path(run_dir))

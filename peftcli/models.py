@@ -110,12 +110,24 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
         loaded = auto_class(model.task).from_pretrained(path, **kwargs)
         if model.gguf_file:
             mark_dequantized(loaded)
+        if model.fused_kernels:
+            swap_in_fused_kernels(loaded)
         return loaded
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load {model.name_or_path} for task {model.task}: "
                         f"{' '.join(str(exc).split())[:300]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def swap_in_fused_kernels(model) -> None:
+    """model.fused_kernels: fused RMSNorm / SwiGLU modules (speedups.py); an architecture with none to swap is
+    an error, not a silent no-op, so a recipe never claims a speed-up it does not get."""
+    from .speedups import FUSABLE_MLPS, FUSABLE_NORMS, use_fused_kernels
+
+    if not use_fused_kernels(model):
+        raise UserError(f"model.fused_kernels: {type(model).__name__} has none of the fusable modules "
+                        f"({', '.join(FUSABLE_NORMS + FUSABLE_MLPS)}); remove the option for this model")
 
 
 def mark_dequantized(model) -> None:

@@ -29,12 +29,34 @@ class ModelSection:
     num_labels: int | None = field(None, check=positive, doc="classes; 1 = regression. Inferred from data if unset")
     labels: list[str] | None = field(None, doc="label names in id order. Inferred from data if unset")
     attn_implementation: str | None = field(None, doc="eager | sdpa | flash_attention_2 (transformers' choice)")
+    fused_kernels: bool = field(False, doc="swap Llama/Mistral/Qwen RMSNorm and SwiGLU MLPs for fused Triton "
+                                           "kernels (CUDA; PyTorch elsewhere); parameter names unchanged")
     allow_pickle: bool = field(False, doc="allow pickle-based weight files (.bin/.pt): they can run code on load")
 
 
 @dataclasses.dataclass
-class DataSection:
+class TaskDataSection:
+    """One task of a multi-task run, `data.tasks.<name>` (sequence classification). Keys left out take the value
+    the `data:` section gives them (text, text_pair, label, max_length, limit, format, columns, eval_fraction)."""
+
     train: str = field(doc="file | dir | glob | hub:<id>[:<config>]")
+    eval: str | None = field(None, doc="evaluation data (same forms as train); tasks without eval are not scored")
+    eval_fraction: float | None = field(None, check=fraction, doc="hold out this fraction of train when eval is unset")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"] = field("auto", doc="file format")
+    columns: list[str] | None = field(None, doc="column names for header-less csv/tsv files")
+    text: str = field("text", doc="text column")
+    text_pair: str | None = field(None, doc="second text column for sentence pairs")
+    label: str = field("label", doc="label column")
+    max_length: int = field(128, check=positive, doc="tokens per example (longer ones are truncated)")
+    limit: dict[str, int] = field(factory=dict, doc="row limits per split, e.g. {train: 2000}")
+    num_labels: int | None = field(None, check=positive, doc="this task's classes; 1 = regression. Inferred if unset")
+    labels: list[str] | None = field(None, doc="this task's label names in id order. Inferred if unset")
+    metrics: list[str] | None = field(None, doc="this task's metrics; default eval.metrics, else the task default")
+
+
+@dataclasses.dataclass
+class DataSection:
+    train: str | None = field(None, doc="file | dir | glob | hub:<id>[:<config>] (required unless data.tasks)")
     eval: str | None = field(None, doc="evaluation data (same forms as train)")
     eval_fraction: float | None = field(None, check=fraction, doc="hold out this fraction of train when eval is unset")
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text"] = field("auto", doc="file format")
@@ -53,6 +75,13 @@ class DataSection:
     max_length: int = field(128, check=positive, doc="tokens per example (longer ones are truncated)")
     limit: dict[str, int] = field(factory=dict, doc="row limits per split, e.g. {train: 2000}")
     packing: bool = field(False, doc="causal-lm: pack several examples per row (no cross-attention)")
+    tasks: dict[str, TaskDataSection] | None = field(
+        None, doc="multi-task: task name -> its data (see data.tasks.<name>); one shared method, one head per task")
+    sampling: Literal["proportional", "temperature", "round_robin"] = field(
+        "proportional", doc="multi-task: which task each batch comes from: proportional to its rows (one pass over "
+                            "every task per epoch), temperature (p ∝ rows^(1/T)), round_robin (tasks in turn)")
+    sampling_temperature: float = field(2.0, check=positive, doc="multi-task: T of sampling: temperature (1 = "
+                                                                   "proportional, larger = closer to uniform)")
 
 
 @dataclasses.dataclass
@@ -153,6 +182,7 @@ class Recipe:
     eval: EvalSection
     layerdrop: LayerDropSection | None = None
     distill: DistillSection | None = None
+    share_across_layers: bool = False  # method.share_across_layers: one set of method tensors for every layer
 
     @property
     def output_dir(self) -> Path:
@@ -188,8 +218,8 @@ def recipe_from_dict(data, source: str, recipe_dir: Path, overrides=(), output_d
         if required not in data:
             raise root.error(f"missing section '{required}'; see recipes/quickstart.yaml for a complete recipe")
     model = build(ModelSection, data["model"], root.child("model", data))
-    data_section = build(DataSection, data["data"], root.child("data", data))
-    method_name, method_cfg = build_method(data["method"], root.child("method", data), model.task)
+    data_section = build_data(data["data"], root.child("data", data))
+    method_name, method_cfg, share = build_method(data["method"], root.child("method", data), model.task)
     train = build_train(data.get("train") or {}, root.child("train", data), source)
     optim = build(OptimSection, data.get("optim"), root.child("optim", data))
     eval_section = build(EvalSection, data.get("eval"), root.child("eval", data))
@@ -198,7 +228,33 @@ def recipe_from_dict(data, source: str, recipe_dir: Path, overrides=(), output_d
     raw["train"] = {**(raw.get("train") or {}), "output_dir": train["output_dir"]}  # `train:` may be empty
     extras = {key: build(SECTIONS[key], data[key], root.child(key, data)) for key in ("layerdrop", "distill")
               if data.get(key) is not None}
-    return Recipe(source, raw, model, data_section, method_name, method_cfg, train, optim, eval_section, **extras)
+    recipe = Recipe(source, raw, model, data_section, method_name, method_cfg, train, optim, eval_section, **extras,
+                    share_across_layers=share)
+    if data_section.tasks is not None:
+        from .multitask import check_recipe
+
+        check_recipe(recipe, data, root)
+    return recipe
+
+
+def build_data(section, where: Where) -> DataSection:
+    """The data section; with `tasks`, the section's own keys are the defaults of every task's keys."""
+    if isinstance(section, dict) and isinstance(section.get("tasks"), dict):
+        from .multitask import inherit_defaults
+
+        section = inherit_defaults(section, where)
+    built = build(DataSection, section, where)
+    if built.tasks is None and built.train is None:
+        raise where.child("train", section).error("is required (or list several datasets under data.tasks)")
+    for key in ("sampling", "sampling_temperature"):
+        if built.tasks is None and key in section:
+            raise where.child(key, section).error("picks among the tasks of data.tasks; a single-task run has none: "
+                                                  "drop it or list the datasets under data.tasks")
+    return built
+
+
+# A method-section key every method accepts (handled by sharing.py after injection, not by the method itself).
+SHARE_KEY = "share_across_layers"
 
 
 def build_method(section, where: Where, task: str):
@@ -214,7 +270,7 @@ def build_method(section, where: Where, task: str):
     if task not in method.tasks:
         raise where.child("name", section).error(
             f"method '{name}' does not support task '{task}' (it supports: {', '.join(sorted(method.tasks))})")
-    options = {k: v for k, v in section.items() if k != "name"}
+    options = {k: v for k, v in section.items() if k not in ("name", SHARE_KEY)}
     if isinstance(section, LocDict):
         options = LocDict(options)
         options.lines = section.lines
@@ -223,7 +279,10 @@ def build_method(section, where: Where, task: str):
         message = method.validate(cfg)
         if message:
             raise where.error(message)
-    return name, cfg
+    share = section.get(SHARE_KEY, False)
+    if not isinstance(share, bool):
+        raise where.child(SHARE_KEY, section).error(f"expected true or false, got {share!r}")
+    return name, cfg, share
 
 
 def build_train(section, where: Where, source: str) -> dict:

@@ -61,7 +61,8 @@ def method_record(recipe: Recipe, model: torch.nn.Module, labels: list[str] | No
             "config": dataclasses.asdict(recipe.method), "task": recipe.model.task,
             "base_model": recipe.model.name_or_path, "labels": labels,
             "num_labels": recipe.model.num_labels if labels is None else len(labels),
-            "trainable_params": trainable, "total_params": total}
+            "trainable_params": trainable, "total_params": total,
+            **({"share_across_layers": True} if recipe.share_across_layers else {})}
 
 
 def save_trained(model: torch.nn.Module, output_dir: str | Path, record: dict, gathered: dict | None = None) -> None:
@@ -83,10 +84,15 @@ def save_trained(model: torch.nn.Module, output_dir: str | Path, record: dict, g
     atomic_write(output_dir / METHOD_JSON, json.dumps(record, indent=2))
 
 
-def prepare_model(model: torch.nn.Module, method_name: str, cfg) -> torch.nn.Module:
-    """Freeze the base, inject the method, train the task head."""
+def prepare_model(model: torch.nn.Module, method_name: str, cfg, share_across_layers: bool = False):
+    """Freeze the base, inject the method (optionally tying its tensors across layers), train the task head."""
     freeze_all(model)
+    base = {id(p) for p in model.parameters()} if share_across_layers else set()
     model = get_method(method_name).inject(model, cfg)
+    if share_across_layers:
+        from .sharing import tie_across_layers
+
+        tie_across_layers(model, method_name, cfg, base)
     unfreeze_head(model)
     return model
 
@@ -116,8 +122,13 @@ def load_trained(run_dir: str | Path, weights_dir: str | Path | None = None):
 
     recipe, record = read_run(run_dir)
     weights_dir = Path(weights_dir or run_dir)
-    model = load_model(recipe.model, record.get("num_labels"), record.get("labels"))
-    model = prepare_model(model, recipe.method_name, recipe.method)
+    if record.get("tasks"):
+        from .multitask import load_task_model, tasks_from_record
+
+        model = load_task_model(recipe, tasks_from_record(record))
+    else:
+        model = load_model(recipe.model, record.get("num_labels"), record.get("labels"))
+        model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers)
     load_tensors_into(model, weights_dir / TENSORS)
     if recipe.layerdrop is not None and recipe.layerdrop.prune_layers:
         from .layerdrop import prune_layers

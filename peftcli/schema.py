@@ -92,8 +92,9 @@ def convert(value: Any, annotation, where: Where):
                 return convert(value, arg, where)
             except UserError as exc:
                 errors.append(exc)
-        if len(errors) == 1 and dataclasses.is_dataclass(args[0]) and isinstance(value, dict):
-            raise errors[0]  # an optional section: its own message names the inner key
+        nested = dataclasses.is_dataclass(args[0]) or get_origin(args[0]) is dict
+        if len(errors) == 1 and nested and isinstance(value, dict):
+            raise errors[0]  # an optional section or mapping: its own message names the inner key
         raise where.error(f"expected {_describe(annotation)}, got {_type_name(value)} {value!r}")
     if origin is Literal:
         if value not in args:

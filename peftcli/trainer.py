@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -120,7 +121,8 @@ class JsonlLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **_floats(logs)}) + "\n")
+                record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3)}
+                handle.write(json.dumps({**record, **_floats(logs)}) + "\n")
 
 
 def _floats(logs: dict) -> dict:

@@ -18,11 +18,15 @@ def best_metric(recipe: Recipe) -> str | None:
     named = recipe.train.get("metric_for_best_model")
     if named:
         return _name(str(named))
+    if recipe.data.tasks and (recipe.eval.early_stopping_patience or recipe.train.get("load_best_model_at_end")):
+        return "macro/score"  # multi-task: the mean over tasks of each task's first metric (multitask.py)
     return "loss" if recipe.eval.early_stopping_patience else None
 
 
-def check_training_eval(recipe: Recipe, metrics: list[str], labels: list[str] | None, has_eval: bool) -> None:
-    """Everything TrainingArguments and the Trainer would reject late (after the weights load) or not at all."""
+def check_training_eval(recipe: Recipe, metrics: list[str], labels: list[str] | None, has_eval: bool,
+                        watchable: set[str] | None = None) -> None:
+    """Everything TrainingArguments and the Trainer would reject late (after the weights load) or not at all.
+    `watchable`: the metric names evaluation reports, where they are not the recipe's metrics (multi-task)."""
     train = recipe.train
     evals, saves = str(train.get("eval_strategy", "no")), str(train.get("save_strategy", "no"))
     if evals != "no" and not has_eval:
@@ -30,7 +34,11 @@ def check_training_eval(recipe: Recipe, metrics: list[str], labels: list[str] | 
     if any(m in ENTITY_METRICS for m in metrics) and labels:
         check_tag_scheme(labels, "eval.metrics")
     watched = best_metric(recipe)
-    if watched:
+    if watched and watchable is not None:
+        if watched not in watchable:
+            raise UserError(f"train.metric_for_best_model: '{watched}' is not computed during training; choose one "
+                            f"of {', '.join(sorted(watchable))}")
+    elif watched:
         _check_watched(watched, recipe.model.task, metrics)
     if recipe.eval.early_stopping_patience and evals == "no":
         raise UserError("eval.early_stopping_patience: needs evaluations during training; set train.eval_strategy: "
@@ -73,7 +81,7 @@ def training_eval_args(recipe: Recipe) -> dict:
         return {}
     out = {"metric_for_best_model": "loss" if watched == "perplexity" else watched}
     if "greater_is_better" not in recipe.train:
-        out["greater_is_better"] = watched not in LOWER_IS_BETTER
+        out["greater_is_better"] = watched.rsplit("/", 1)[-1] not in LOWER_IS_BETTER  # multi-task: task/metric
     return out
 
 

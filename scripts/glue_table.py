@@ -1,22 +1,34 @@
 #!/usr/bin/env python3
-"""Run every recipes/glue/sst2-<method>.yaml on GLUE SST-2, MRPC and RTE over several seeds, then build the table.
+"""Run every SST-2 method recipe on GLUE SST-2, MRPC and RTE over several seeds, then build the table.
 
-Each method keeps the hyperparameters of its SST-2 recipe; MRPC and RTE swap in their columns and files.
-Jobs run in a pool of worker processes (one import of torch each), so many small runs share one GPU.
+Recipes: recipes/glue/sst2-<method>.yaml and recipes/prompt/sst2_<method>.yaml. Each method keeps the learning
+rate and options of its SST-2 recipe; MRPC and RTE swap in their columns and files and scale the recipe's epochs
+by a per-task factor. That factor is either given (--epochs-scale MRPC=6,RTE=6) or chosen by a small sweep on the
+dev split (--sweep-scales 1,3,6 over --sweep-methods, one seed kept out of the reported ones); the sweep's table
+is written beside the main one so the choice is on record.
+
+Runs that need earlier runs get them from the same task and seed: AdapterFusion's `method.sources` and
+distillation's `distill.teacher` name `runs/sst2-<name>` in their recipes, which becomes that job's run directory;
+such jobs start once their sources have finished.
 
   python scripts/glue_table.py --model .gpu-bundle/minilm-fp16 --data .gpu-bundle/data \\
-      --tasks SST-2,MRPC,RTE --seeds 1,2,3 --workers 12 --out runs/glue --budget-minutes 8
+      --tasks SST-2,MRPC,RTE --seeds 1,2,3 --workers 14 --out runs/glue --budget-minutes 8 --sweep-scales 1,3,6
 
-Writes runs/glue/<task>/<method>/seed<k>/ (ordinary run directories) and runs/glue/table.{md,csv,json,png}
-through `peft compare`. Jobs still queued when the budget runs out are listed as not run, never guessed.
+Writes runs/glue/<task>/<method>/seed<k>/ (ordinary run directories), runs/glue/table.{md,csv,json,png} through
+`peft compare`, runs/glue/notes.json (command, epoch scales, failures, jobs not run). Jobs still queued when the
+budget runs out are listed as not run, never guessed. `--render RUN_ROOT...` rebuilds the table and the per-task
+Markdown of docs/RESULTS.md from run directories of one or several invocations.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import re
+import statistics
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +40,23 @@ TASKS = {
     "MRPC": {"text": "#1 String", "text_pair": "#2 String", "label": "Quality", "metrics": ["accuracy", "f1"]},
     "RTE": {"text": "sentence1", "text_pair": "sentence2", "label": "label", "metrics": ["accuracy"]},
 }
+SOURCE_RUN = re.compile(r"^runs/(sst2[-_][\w-]+)$")  # how a recipe names another recipe's run
 
 
-def job_overrides(task: str, data: Path, model: str | None, seed: int, rows: int | None, extra: list[str]):
+def recipes() -> dict[str, Path]:
+    """Method name -> recipe: sst2-lora.yaml -> lora, sst2_prefix_tuning.yaml -> prefix_tuning."""
+    found = sorted((REPO / "recipes" / "glue").glob("sst2-*.yaml")) + sorted(
+        (REPO / "recipes" / "prompt").glob("sst2_*.yaml"))
+    return {path.stem[len("sst2-"):]: path for path in found}
+
+
+def recipe_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def task_overrides(task: str, data: Path, model: str | None, seed: int, rows: int | None) -> list[str]:
     spec = TASKS[task]
     quoted = json.dumps  # a JSON string is a YAML string: MRPC's "#1 String" would otherwise start a comment
     sets = [f"data.train={quoted(str(data / 'glue' / task / 'train.tsv'))}",
@@ -42,38 +68,159 @@ def job_overrides(task: str, data: Path, model: str | None, seed: int, rows: int
         sets += [f"data.text_pair={quoted(spec['text_pair'])}", "data.max_length=128"]
     if model:
         sets.append(f"model.name_or_path={quoted(model)}")
-    return sets + extra
+    return sets
+
+
+def make_job(args, name: str, recipe: Path, task: str, seed: int, scale: float, root: Path) -> dict:
+    raw = recipe_yaml(recipe)
+    rows = args.train_rows if task == "SST-2" else None
+    sets = task_overrides(task, Path(args.data), args.model, seed, rows)
+    epochs = raw.get("train", {}).get("num_train_epochs", 3)
+    if scale != 1:
+        sets.append(f"train.num_train_epochs={round(epochs * scale, 3)}")
+    sets += args.set or []
+    out = root / task / name / f"seed{seed}"
+    needs: list[str] = []
+    sources = raw.get("method", {}).get("sources")
+    if isinstance(sources, list):
+        mapped = [_source_out(s, root, task, seed) for s in sources]
+        needs += mapped
+        sets.append(f"method.sources=[{', '.join(json.dumps(m) for m in mapped)}]")
+    teacher = raw.get("distill", {}).get("teacher") if isinstance(raw.get("distill"), dict) else None
+    if teacher:
+        mapped = _source_out(teacher, root, task, seed)
+        needs.append(mapped)
+        sets.append(f"distill.teacher={json.dumps(mapped)}")
+    return {"recipe": str(recipe), "sets": sets, "out": str(out), "task": task, "method": name, "seed": seed,
+            "epochs": round(epochs * scale, 3), "needs": needs}
+
+
+def _source_out(value: str, root: Path, task: str, seed: int) -> str:
+    match = SOURCE_RUN.match(str(value))
+    if not match:
+        return str(value)  # a path outside the table's runs: used as written
+    return str(root / task / match.group(1)[len("sst2-"):] / f"seed{seed}")
 
 
 def run_job(job: dict) -> dict:
     """Worker: one training run through the same code path as `peft train`."""
     from peftcli import commands
-    from peftcli.errors import UserError
 
     started = time.time()
     try:
         commands.train(job["recipe"], job["sets"], job["out"], overwrite=True)
         return {**job, "ok": True, "seconds": time.time() - started}
-    except (UserError, Exception) as exc:  # a failing method is reported in the table notes, not fatal
+    except Exception as exc:  # a failing method is reported in the table notes, not fatal
         return {**job, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": time.time() - started}
 
 
-def build_jobs(args) -> list[dict]:
-    recipes = sorted((REPO / "recipes" / "glue").glob("sst2-*.yaml"))
-    wanted = set(args.methods.split(",")) if args.methods != "all" else None
+class Scheduler:
+    """A process pool that starts jobs in the order given, holds each until the runs it needs have finished,
+    and stops starting jobs at the deadline."""
+
+    def __init__(self, workers: int, deadline: float | None):
+        # no max_tasks_per_child: with it, Python 3.11 can leave queued jobs with no worker (CPython gh-115634)
+        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        self.deadline, self.waiting, self.running = deadline, [], {}
+        self.results: dict[str, dict] = {}
+        self.not_run: list[dict] = []
+
+    def add(self, jobs: list[dict]) -> None:
+        self.waiting += jobs
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        still = []
+        for job in self.waiting:
+            failed = [n for n in job["needs"] if n in self.results and not self.results[n]["ok"]]
+            if failed:
+                self.results[job["out"]] = {**job, "ok": False, "seconds": 0.0,
+                                            "error": f"a source run failed: {failed[0]}"}
+            elif all(n in self.results for n in job["needs"]):
+                self.running[self.pool.submit(run_job, job)] = job
+            else:
+                still.append(job)
+        self.waiting = still
+
+    def drain(self, until=lambda: False) -> None:
+        """Collect results until nothing runs (or `until()` holds); past the deadline, queued jobs are not run."""
+        while self.running and not until():
+            timeout = None if self.deadline is None else max(1.0, self.deadline - time.time())
+            done, _ = wait(list(self.running), timeout=timeout, return_when=FIRST_COMPLETED)
+            if not done:
+                self._stop()
+                return
+            for future in done:
+                job = self.running.pop(future)
+                result = future.result() if future.exception() is None else {
+                    **job, "ok": False, "error": repr(future.exception())[:300], "seconds": 0.0}
+                self.results[job["out"]] = result
+                print(json.dumps({k: result.get(k) for k in ("task", "method", "seed", "epochs", "ok", "seconds")}),
+                      flush=True)
+            self._start_ready()
+
+    def _stop(self) -> None:
+        for future, job in self.running.items():
+            if not future.cancel():
+                job = {**job, "note": "still running at the deadline"}
+            self.not_run.append(job)
+        self.not_run += self.waiting
+        self.running, self.waiting = {}, []
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            process.terminate()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def glue_score(metrics: dict, task: str) -> float:
+    """GLUE's per-task score: MRPC averages accuracy and F1, the others are accuracy."""
+    names = TASKS[task]["metrics"]
+    return statistics.fmean(metrics.get(f"eval_{n}", metrics.get(n, 0.0)) for n in names)
+
+
+def sweep(args, scheduler: Scheduler, root: Path, all_recipes: dict) -> dict:
+    """Per task, the epoch scale with the best mean dev score over the sweep methods (one seed, not reported)."""
+    scales = [float(s) for s in args.sweep_scales.split(",")]
+    tasks = [t for t in args.tasks.split(",") if t != "SST-2"]
     jobs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: every method gets seed 1 before seed 2
-        for task in args.tasks.split(","):
-            for recipe in recipes:
-                name = recipe.stem[len("sst2-"):]
-                if wanted and name not in wanted:
-                    continue
-                rows = args.train_rows if task == "SST-2" else None
-                sets = job_overrides(task, Path(args.data), args.model, seed, rows, args.set or [])
-                out = Path(args.out) / task / name / f"seed{seed}"
-                jobs.append({"recipe": str(recipe), "sets": sets, "out": str(out), "task": task, "method": name,
-                             "seed": seed})
-    return jobs
+    for task in tasks:
+        for scale in scales:
+            for name in args.sweep_methods.split(","):
+                job = make_job(args, name, all_recipes[name], task, args.sweep_seed, scale,
+                               root / "sweep" / f"x{scale:g}")
+                jobs.append({**job, "scale": scale})
+    scheduler.add(jobs)
+    return {"jobs": jobs, "scales": scales, "tasks": tasks}
+
+
+def choose_scales(plan: dict, scheduler: Scheduler) -> tuple[dict, list[dict]]:
+    rows, chosen = [], {}
+    for task in plan["tasks"]:
+        best = None
+        for scale in plan["scales"]:
+            scores = []
+            for job in plan["jobs"]:
+                if job["task"] == task and job["scale"] == scale:
+                    result = scheduler.results.get(job["out"], {})
+                    metrics = _json(Path(job["out"]) / "metrics.json") if result.get("ok") else {}
+                    score = glue_score(metrics, task) if metrics else None
+                    rows.append({"task": task, "scale": scale, "method": job["method"], "score": score})
+                    if score is not None:
+                        scores.append(score)
+            mean = statistics.fmean(scores) if scores else None
+            if mean is not None and (best is None or mean > best[1]):
+                best = (scale, mean)
+        chosen[task] = best[0] if best else 1.0
+    return chosen, rows
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def parse_scales(text: str | None) -> dict:
+    if not text:
+        return {}
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
 
 
 def main() -> None:
@@ -84,41 +231,103 @@ def main() -> None:
     parser.add_argument("--methods", default="all", help="comma list of recipe names (sst2-<name>.yaml)")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--train-rows", type=int, default=None, help="SST-2 training rows (default: all 67,349)")
+    parser.add_argument("--epochs-scale", help="per-task epoch factor, e.g. MRPC=6,RTE=6 (SST-2 keeps the recipe's)")
+    parser.add_argument("--sweep-scales", help="choose the MRPC/RTE epoch factor from these, e.g. 1,3,6")
+    parser.add_argument("--sweep-methods", default="full,lora,adapter,bitfit")
+    parser.add_argument("--sweep-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget-minutes", type=float, default=None, help="stop starting jobs after this")
     parser.add_argument("--out", default="runs/glue")
     parser.add_argument("--set", action="append", help="extra override for every job, e.g. train.bf16=true")
+    parser.add_argument("--render", nargs="+", metavar="RUN_ROOT",
+                        help="only rebuild table + Markdown from the run directories under these roots")
     args = parser.parse_args()
-    jobs = build_jobs(args)
+    if args.render:
+        render(args.render, Path(args.out))
+        return
+    root = Path(args.out)
+    all_recipes = recipes()
+    wanted = list(all_recipes) if args.methods == "all" else args.methods.split(",")
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
-    results, skipped = [], []
-    with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=8) as pool:
-        pending = [pool.apply_async(run_job, (job,)) for job in jobs]
-        for job, handle in zip(jobs, pending):
-            remaining = None if deadline is None else max(1.0, deadline - time.time())
-            try:
-                result = handle.get(timeout=remaining)
-            except mp.TimeoutError:
-                skipped.append(job)
-                continue
-            results.append(result)
-            print(json.dumps({k: result[k] for k in ("task", "method", "seed", "ok", "seconds")}), flush=True)
-        pool.terminate()
-    finish(args, results, skipped)
+    scheduler = Scheduler(args.workers, deadline)
+    scales = {"SST-2": 1.0, **parse_scales(args.epochs_scale)}
+    plan = sweep(args, scheduler, root, all_recipes) if args.sweep_scales else None
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    def queue(tasks: list[str]) -> None:
+        scheduler.add([make_job(args, name, all_recipes[name], task, seed, scales.get(task, 1.0), root)
+                       for seed in seeds for task in tasks for name in wanted])  # seed-major order
+
+    tasks = args.tasks.split(",")
+    ready = [t for t in tasks if t == "SST-2" or plan is None]
+    queue(ready)
+    sweep_rows = []
+    if plan:  # MRPC/RTE wait for the sweep while SST-2 jobs keep the workers busy
+        sweep_outs = {j["out"] for j in plan["jobs"]}
+        scheduler.drain(until=lambda: sweep_outs <= set(scheduler.results))
+        chosen, sweep_rows = choose_scales(plan, scheduler)
+        scales.update(chosen)
+        print(json.dumps({"epoch_scales": scales}), flush=True)
+        queue([t for t in tasks if t not in ready])
+    scheduler.drain()
+    finish(args, scheduler, scales, sweep_rows)
 
 
-def finish(args, results: list[dict], skipped: list[dict]) -> None:
+def finish(args, scheduler: Scheduler, scales: dict, sweep_rows: list[dict]) -> None:
     from peftcli.compare import compare
 
+    root = Path(args.out)
+    results = [r for r in scheduler.results.values() if "/sweep/" not in r["out"].replace("\\", "/")]
     done = [r["out"] for r in results if r["ok"]]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    table = compare(done, str(Path(args.out) / "table")) if done else "no run finished\n"
-    notes = {"failed": [{k: r[k] for k in ("task", "method", "seed", "error")} for r in results if not r["ok"]],
-             "not_run": [{k: j[k] for k in ("task", "method", "seed")} for j in skipped],
-             "command": " ".join(sys.argv)}
-    (Path(args.out) / "notes.json").write_text(json.dumps(notes, indent=2), encoding="utf-8")
+    root.mkdir(parents=True, exist_ok=True)
+    table = compare(done, str(root / "table")) if done else "no run finished\n"
+    notes = {"command": " ".join(sys.argv), "epoch_scales": scales, "sweep": sweep_rows,
+             "failed": [{k: r.get(k) for k in ("task", "method", "seed", "error")} for r in results if not r["ok"]],
+             "not_run": [{k: j.get(k) for k in ("task", "method", "seed", "note")} for j in scheduler.not_run]}
+    (root / "notes.json").write_text(json.dumps(notes, indent=2), encoding="utf-8")
     print(table)
-    print(json.dumps({"finished": len(done), "failed": len(notes["failed"]), "not_run": len(skipped)}))
+    print(json.dumps({"finished": len(done), "failed": len(notes["failed"]), "not_run": len(scheduler.not_run)}))
+
+
+def render(roots: list[str], out: Path) -> None:
+    """Table files + per-task Markdown sections from finished run directories (sweep runs left out)."""
+    from peftcli.compare import compare
+    from peftcli.runs import is_run_dir
+
+    dirs = sorted({str(p.parent) for root in roots for p in Path(root).rglob("method.json")
+                   if "sweep" not in p.parts and is_run_dir(p.parent)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compare(dirs, str(out))
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    sections = [task_section(task, [r for r in rows if r["data"] == task]) for task in TASKS]
+    out.with_suffix(".sections.md").write_text("\n".join(s for s in sections if s), encoding="utf-8")
+    print(out.with_suffix(".sections.md").read_text(encoding="utf-8"))
+
+
+def task_section(task: str, rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    metrics = TASKS[task]["metrics"]
+    rows = sorted(rows, key=lambda r: -statistics.fmean(r.get(f"eval_{m}") or r.get(m) or 0 for m in metrics))
+    head = " / ".join(metrics)
+    lines = [f"### {task}", "", f"| recipe | method | seeds | trainable params | dev {head} (mean ± std, %) "
+             "| train s | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        recipe = next((p for p in recipes().values() if p.stem == r["recipe"]), None)
+        link = f"[{r['recipe']}](../{recipe.relative_to(REPO)})" if recipe else r["recipe"]
+        cells = []
+        for m in metrics:
+            key = f"eval_{m}" if f"eval_{m}" in r else m
+            value = r.get(key)
+            cells.append("n/a" if value is None else f"{100 * value:.1f} ± {100 * r.get(key + '_std', 0):.1f}")
+        lines.append(f"| {link} | {r['method']} | {r['seeds']} | {r['trainable_params']:,} "
+                     f"({r['trainable_pct']:.2f}%) | {' / '.join(cells)} | {_fmt(r['train_seconds'])} "
+                     f"| {_fmt(r['peak_memory_mib'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 if __name__ == "__main__":

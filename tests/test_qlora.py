@@ -60,3 +60,25 @@ def test_merge_warns_about_quantisation_error(caplog):
     with caplog.at_level(logging.WARNING, logger="peftcli"):
         qlora.merge(model, QLoraConfig())
     assert "quantisation error" in caplog.text and type(model[0]) is torch.nn.Linear
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes' CUDA kernels)")
+@pytest.mark.parametrize("quantised_on", ["cpu", "cuda"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_bf16_forward_backward_match_the_dequantised_base(bits, quantised_on):
+    """The Trainer quantises on the CPU at inject time and moves the model to the GPU afterwards: both routes
+    must give bnb's CUDA matmul the same answer as the dequantised weights, with gradients reaching only LoRA."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 128).requires_grad_(False).to(quantised_on, torch.bfloat16)
+    q = QLoraLinear(base, QLoraConfig(bits=bits, r=8)).to("cuda")
+    with torch.no_grad():
+        q.lora_B.normal_(std=0.1)
+    x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16)
+    out = q(x)
+    expected = (x.float() @ q.dequantized().T + base.bias.float().cuda()
+                + q.scale * (x.float() @ q.lora_A.T) @ q.lora_B.T)
+    assert out.dtype == torch.bfloat16 and out.is_cuda
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+    out.float().square().mean().backward()
+    assert q.lora_A.grad is not None and q.lora_B.grad.abs().sum() > 0
+    torch.testing.assert_close(q.merged()(x).float(), out.float(), rtol=3e-2, atol=3e-2)

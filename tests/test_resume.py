@@ -135,3 +135,40 @@ def test_two_process_kill_and_resume_is_exact(tiny_bert, tmp_path):
     assert step_losses(out) == step_losses(reference) and len(step_losses(reference)) == 6
     got, want = load_file(out / "adapter.safetensors"), load_file(reference / "adapter.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_importance_multipliers_survive_a_kill_and_resume(tiny_bert, tmp_path):
+    """The importance callback's EMA scores and multipliers are checkpoint state: a run killed between two
+    multiplier updates and resumed must log the same multipliers and losses as the uninterrupted run."""
+    import json
+
+    import yaml
+
+    importance = {"scores": {"fisher": 1.0, "grad_norm": 0.5}, "granularity": "layer", "warmup_steps": 2,
+                  "update_every": 3, "ema": 0.8, "temperature": 0.5}
+
+    def recipe_in(folder):
+        folder.mkdir()
+        path = write_recipe(folder, tiny_bert, folder / "out")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw["optim"] = {"importance": importance}
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return path, folder / "out"
+
+    ref_recipe, ref_out = recipe_in(tmp_path / "reference")
+    assert run_cli("train", str(ref_recipe)).exit_code == 0
+    recipe, out = recipe_in(tmp_path / "killed")
+    killed = run_subprocess("train", str(recipe), env={checkpoint.KILL_ENV: "step_end@7"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_cli("train", str(recipe), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+    def multipliers(run):  # the last logged multipliers of every update step (a resumed run re-logs its steps)
+        rows = [json.loads(line) for line in (run / "importance.jsonl").read_text(encoding="utf-8").splitlines()]
+        return {row["step"]: row for row in rows}
+
+    want, got = multipliers(ref_out), multipliers(out)
+    assert len(want) >= 3 and want.keys() == got.keys()
+    for step in want:
+        assert got[step] == want[step], step
+    assert step_losses(out) == step_losses(ref_out)

@@ -75,3 +75,38 @@ def test_swap_keeps_names_and_outputs(tiny_llama):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_recipe_option_fused_kernels_trains_and_reloads(tiny_llama, tiny_bert, tmp_path):
+    """`model.fused_kernels: true` swaps the modules for the run and for reloading it; a model with nothing
+    to fuse is a one-line recipe error."""
+    import yaml
+
+    import json
+
+    from peftcli.runs import load_trained
+    from runhelp import run_cli
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"say {w}", "input": "", "output": w}
+                                  for w in ("yes", "no", "maybe", "later")] * 2), encoding="utf-8")
+
+    def recipe(model, task, data):
+        path = tmp_path / f"{task}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"name_or_path": str(model), "task": task, "fused_kernels": True},
+            "data": data, "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
+            "train": {"output_dir": str(tmp_path / task), "max_steps": 2, "per_device_train_batch_size": 2,
+                      "use_cpu": True, "disable_tqdm": True}}), encoding="utf-8")
+        return path
+
+    lm = recipe(tiny_llama, "causal-lm", {"train": str(alpaca), "lm_format": "alpaca", "max_length": 32})
+    assert run_cli("train", str(lm)).exit_code == 0
+    model = load_trained(tmp_path / "causal-lm")[2]
+    assert any(isinstance(m, FusedSwiGLUMLP) for m in model.modules())
+    from tiny import REVIEWS
+
+    bert = recipe(tiny_bert, "sequence-classification", {"train": str(REVIEWS / "train.jsonl"), "limit": {"train": 8}})
+    result = run_cli("train", str(bert))
+    assert result.exit_code == 2 and "model.fused_kernels" in result.output, result.output
+    assert not (tmp_path / "sequence-classification").exists()

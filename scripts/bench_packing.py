@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Padding-free packing vs padded batches: real tokens/s of LoRA SFT on the Alpaca demo, through the Trainer.
+
+The model has SmolLM2-135M's architecture (config + tokenizer from a folder, weights random: speed does not
+depend on them). Each variant trains the same recipe for one epoch through peftcli's own plan -> model ->
+PeftTrainer path; only `data.packing` and the attention implementation change. Steps after the first `--skip`
+are timed (CUDA-synchronised) and the real (non-pad) tokens of those steps are counted, so tokens/s compares
+useful work. The mean training loss of each variant is reported too: packing must not change it.
+
+  python scripts/bench_packing.py --config .gpu-bundle/smollm2-config \\
+      --data .gpu-bundle/instruct/alpaca_en_demo.json --batch 16 --out $OUT/packing.jsonl
+  python scripts/bench_packing.py --config tests/... --tiny   # CPU smoke run
+
+Prints one JSON line per variant and one with the packed/padded ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {"padded-sdpa": (False, "sdpa"), "packed-sdpa": (True, "sdpa"),
+            "packed-flex": (True, "flex_attention")}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="folder with config.json + tokenizer files")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--skip", type=int, default=5, help="untimed warm-up steps")
+    p.add_argument("--rows", type=int, default=None, help="use the first N rows")
+    p.add_argument("--tiny", action="store_true", help="2-layer model, fp32, for a CPU smoke run")
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    return p.parse_args(argv)
+
+
+def make_model_folder(args, folder: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.config)
+    if args.tiny:
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 64, 128
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(args.config).save_pretrained(folder)
+
+
+def recipe_text(args, model: Path, packing: bool, attn: str, out: Path) -> str:
+    limit = f"\n  limit: {{train: {args.rows}}}" if args.rows else ""
+    return f"""model:
+  name_or_path: {json.dumps(str(model))}
+  task: causal-lm
+  attn_implementation: {attn}
+data:
+  train: {json.dumps(str(Path(args.data).resolve()))}
+  lm_format: alpaca
+  max_length: {args.max_length}
+  packing: {str(packing).lower()}{limit}
+method:
+  name: lora
+  r: 16
+  alpha: 32
+  target_modules: all-linear
+train:
+  output_dir: {json.dumps(str(out))}
+  learning_rate: 2e-4
+  num_train_epochs: 1
+  per_device_train_batch_size: {args.batch}
+  bf16: {str(torch.cuda.is_available()).lower()}
+  logging_steps: 1000000
+  disable_tqdm: true
+  seed: 42
+"""
+
+
+class TokenCountingCollator:
+    """Wraps the run's collator and remembers each batch's real tokens (labels or attention mask say which)."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        mask = batch.get("attention_mask")
+        self.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+
+def run_variant(args, name: str, model_folder: Path, work: Path) -> dict:
+    from transformers import TrainerCallback
+
+    from peftcli import commands, runs
+    from peftcli.models import load_model
+    from peftcli.recipe import load_recipe
+
+    packing, attn = VARIANTS[name]
+    recipe_file = work / f"{name}.yaml"
+    recipe_file.write_text(recipe_text(args, model_folder, packing, attn, work / name), encoding="utf-8")
+    recipe = load_recipe(str(recipe_file), [], None)
+    the_plan = commands.plan(recipe)
+    torch.manual_seed(0)
+    model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
+    model = runs.prepare_model(model, recipe.method_name, recipe.method)
+    if packing:
+        model.config.use_cache = False
+    (work / name).mkdir(parents=True, exist_ok=True)
+    record = runs.method_record(recipe, model, the_plan.data.labels)
+    trainer = commands.build_trainer(the_plan, model, work / name, record)
+    counter = TokenCountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            _sync()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            _sync()
+            times.append(time.perf_counter() - self.started)
+
+    trainer.add_callback(StepTimer())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train()
+    timed, tokens = times[args.skip:], counter.tokens[args.skip:len(times)]
+    return {"variant": name, "packing": packing, "attn": attn, "batch": args.batch, "steps": len(times),
+            "timed_steps": len(timed), "tokens_per_s": round(sum(tokens) / sum(timed), 1),
+            "step_ms": round(1000 * statistics.fmean(timed), 2), "mean_loss": round(result.training_loss, 4),
+            "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    args = parse(argv)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        make_model_folder(args, folder)
+        for name in args.variants.split(","):
+            try:
+                line = run_variant(args, name, folder, Path(tmp))
+            except Exception as exc:  # one failing attention path must not hide the others' numbers
+                line = {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    by_name = {line["variant"]: line for line in lines if "tokens_per_s" in line}
+    if "padded-sdpa" in by_name:
+        base = by_name["padded-sdpa"]["tokens_per_s"]
+        ratios = {f"{k}/padded-sdpa": round(v["tokens_per_s"] / base, 3) for k, v in by_name.items()
+                  if k != "padded-sdpa"}
+        lines.append({"ratios": ratios})
+        print(json.dumps(lines[-1]), flush=True)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+if __name__ == "__main__":
+    main()
