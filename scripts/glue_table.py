@@ -171,6 +171,15 @@ class Scheduler:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def without_done(jobs: list[dict], done: set[str], root: Path) -> list[dict]:
+    """Drop jobs listed as TASK/method/seedN (finished by an earlier invocation), except those that a kept job
+    needs as its source run: their run directories are not on this machine."""
+    key = lambda job: str(Path(job["out"]).relative_to(root))
+    kept = [job for job in jobs if key(job) not in done]
+    needed = {n for job in kept for n in job["needs"]}
+    return [job for job in jobs if key(job) not in done or job["out"] in needed]
+
+
 def glue_score(metrics: dict, task: str) -> float:
     """GLUE's per-task score: MRPC averages accuracy and F1, the others are accuracy."""
     names = TASKS[task]["metrics"]
@@ -235,6 +244,7 @@ def main() -> None:
     parser.add_argument("--sweep-scales", help="choose the MRPC/RTE epoch factor from these, e.g. 1,3,6")
     parser.add_argument("--sweep-methods", default="full,lora,adapter,bitfit")
     parser.add_argument("--sweep-seed", type=int, default=0)
+    parser.add_argument("--skip-done", help="file listing TASK/method/seedN jobs finished by an earlier invocation")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget-minutes", type=float, default=None, help="stop starting jobs after this")
     parser.add_argument("--out", default="runs/glue")
@@ -254,9 +264,12 @@ def main() -> None:
     plan = sweep(args, scheduler, root, all_recipes) if args.sweep_scales else None
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    done = set(Path(args.skip_done).read_text(encoding="utf-8").split()) if args.skip_done else set()
+
     def queue(tasks: list[str]) -> None:
-        scheduler.add([make_job(args, name, all_recipes[name], task, seed, scales.get(task, 1.0), root)
-                       for seed in seeds for task in tasks for name in wanted])  # seed-major order
+        jobs = [make_job(args, name, all_recipes[name], task, seed, scales.get(task, 1.0), root)
+                for seed in seeds for task in tasks for name in wanted]  # seed-major order
+        scheduler.add(without_done(jobs, done, root))
 
     tasks = args.tasks.split(",")
     ready = [t for t in tasks if t == "SST-2" or plan is None]

@@ -53,22 +53,15 @@ class QLoraLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.bits, self.dtype = cfg.bits, base.weight.dtype
+        self.quant_type, self.double_quant = cfg.quant_type, cfg.double_quant
         device = base.weight.device
         self.bias = base.bias
         self.quant_state = None
         if base.weight.is_meta:  # shape-only skeleton (recipe validation): nothing to quantise
             self.register_buffer("qweight", torch.empty(0, device="meta"), persistent=False)
             self.register_buffer("row_scale", None, persistent=False)
-        elif cfg.bits == 4:
-            qweight, self.quant_state = _bnb().functional.quantize_4bit(
-                base.weight.data, blocksize=BLOCK_SIZE, quant_type=cfg.quant_type,
-                compress_statistics=cfg.double_quant)
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("row_scale", None, persistent=False)
         else:
-            qweight, row_scale, _ = _bnb().functional.int8_vectorwise_quant(base.weight.data)
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("row_scale", row_scale, persistent=False)
+            self._quantize(base.weight.data)
         r = cfg.r
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
@@ -82,9 +75,27 @@ class QLoraLinear(nn.Module):
             return functional.dequantize_4bit(self.qweight, self._state(self.qweight.device)).float()
         return functional.int8_vectorwise_dequant(self.qweight, self.row_scale).float()
 
+    def _quantize(self, weight: torch.Tensor) -> None:
+        """(Re)build the quantised buffers from a dense weight on its device."""
+        functional = _bnb().functional
+        if self.bits == 4:
+            qweight, self.quant_state = functional.quantize_4bit(
+                weight, blocksize=BLOCK_SIZE, quant_type=self.quant_type, compress_statistics=self.double_quant)
+            row_scale = None
+        else:  # bnb's CUDA int8 kernel takes fp16 only; a weight row's absmax fits fp16 for real models
+            qweight, row_scale, _ = functional.int8_vectorwise_quant(weight.to(torch.float16))
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("row_scale", row_scale, persistent=False)
+
     def _state(self, device):
-        if self.quant_state.absmax.device != device:  # buffers moved by .to(); the QuantState object did not
-            self.quant_state = self.quant_state.to(device)
+        """The 4-bit state for `device`. `.to()` moves the code bytes but not the QuantState, and bnb's CPU and
+        CUDA kernels need not share a code layout, so a moved layer is dequantised with the state it was built
+        with and quantised again on its new device (NF4 values re-quantise to the same codes)."""
+        old = self.quant_state.absmax.device
+        if old != device:
+            functional = _bnb().functional
+            dense = functional.dequantize_4bit(self.qweight.to(old), self.quant_state)
+            self._quantize(dense.to(device))
         return self.quant_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
