@@ -15,8 +15,9 @@ linear layers. Throughput is read from the run's log.jsonl timestamps between th
 2. FSDP (configs/fsdp.yaml, 2 GPUs): trains, then checks the saved adapter is whole (every LoRA tensor has its
    full shape, every lora_B moved from zero), reloads it, and merge-exports it; the merged model's logits must
    match the adapter model's.
-3. DDP resume: SIGTERM to a 2-GPU run after --kill-at steps (peftcli checkpoints and exits 3), then
-   `--resume`; the resumed run must end at max_steps with the same logged losses up to the kill point.
+3. DDP resume: SIGTERM to a 2-GPU job after --kill-at steps (each peftcli worker finishes its step, commits a
+   checkpoint and exits 3), then `--resume`; per-step losses and the final adapter must equal those of an
+   uninterrupted run of the same recipe.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def make_model(args, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def write_recipe(args, folder: Path, path: Path, steps: int, save_steps: int | None = None) -> Path:
+def write_recipe(args, folder: Path, path: Path, steps: int, save_steps: int | None = None,
+                 logging_steps: int = 5) -> Path:
     save = f"\n  save_strategy: steps\n  save_steps: {save_steps}" if save_steps else ""
     path.write_text(f"""model:
   name_or_path: {json.dumps(str(folder))}
@@ -95,7 +97,7 @@ train:
   max_steps: {steps}
   per_device_train_batch_size: {args.batch}
   bf16: {str(not args.tiny).lower()}
-  logging_steps: 5
+  logging_steps: {logging_steps}
   disable_tqdm: true
   seed: 42{save}
 """, encoding="utf-8")
@@ -182,7 +184,7 @@ def check_merge(run: Path, work: Path) -> dict:
     merged_dir = work / "fsdp-merged"
     commands.merge_export(str(run), str(merged_dir), overwrite=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    adapter_model = load_trained(run)[0].to(device).float().eval()
+    adapter_model = load_trained(run)[2].to(device).float().eval()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()
     ids = torch.arange(1, 65, device=device).unsqueeze(0)
     with torch.no_grad():
@@ -191,32 +193,56 @@ def check_merge(run: Path, work: Path) -> dict:
 
 
 def part_resume(args, folder, work) -> list[dict]:
-    recipe = write_recipe(args, folder, work / "resume.yaml", args.steps, save_steps=1000)
-    reference = work / "ddp2"
-    out = work / "resume"
+    """Uninterrupted 2-GPU run, then the same recipe SIGTERMed at --kill-at and resumed: per-step losses must match."""
+    recipe = write_recipe(args, folder, work / "resume.yaml", args.steps, save_steps=1000, logging_steps=1)
+    reference, out = work / "resume-reference", work / "resume"
+    launch(ddp_config(args), 2, recipe, reference, "new", work)
     proc = launch(ddp_config(args), 2, recipe, out, "new", work, wait=False)
     log = out / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         steps = [json.loads(x)["step"] for x in log.read_text().splitlines()] if log.is_file() else []
         if steps and max(steps) >= args.kill_at:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler's preemption does
             break
-        time.sleep(0.5)
-    killed_exit = proc.wait()
+        time.sleep(0.2)
+    launcher_exit = proc.wait()
+    wait_for_group(proc.pid)  # the launcher may exit first; the workers still finish their step and checkpoint
+    stopped = [line for line in (work / "resume-new.log").read_text().splitlines() if "checkpoint committed" in line]
     resumed = launch(ddp_config(args), 2, recipe, out, "resume", work)
-    line = {"part": "resume", "killed_exit": killed_exit, "resumed_exit": resumed.returncode}
+    line = {"part": "resume", "launcher_exit_after_sigterm": launcher_exit, "worker_message": stopped[:1],
+            "resumed_exit": resumed.returncode}
     if resumed.returncode == 0:
-        rows = [json.loads(x) for x in log.read_text().splitlines() if "loss" in json.loads(x)]
-        line["final_step"] = rows[-1]["step"]
-        line["checkpoints"] = sorted(p.name for p in out.glob("checkpoint-*"))
-        if (reference / "log.jsonl").is_file():  # the uninterrupted 2-GPU run of the same recipe and seed
-            ref = {r["step"]: r["loss"] for r in map(json.loads, (reference / "log.jsonl").read_text().splitlines())
-                   if "loss" in r}
-            got = {r["step"]: r["loss"] for r in rows}
-            common = sorted(set(ref) & set(got))
-            line["max_loss_diff_vs_uninterrupted"] = max(abs(ref[s] - got[s]) for s in common) if common else None
+        state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+        line["final_step"] = state.get("global_step")
+        ref, got = step_losses(reference), step_losses(out)
+        line["steps_compared"] = len(set(ref) & set(got))
+        line["max_loss_diff_vs_uninterrupted"] = max(abs(ref[s] - got[s]) for s in set(ref) & set(got))
+        line["adapters_equal"] = adapters_equal(reference, out)
     return [line]
+
+
+def wait_for_group(pgid: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
+def step_losses(run: Path) -> dict:
+    """Per-step loss; a resumed run's entries replace the killed run's for the same step."""
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def adapters_equal(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
+    return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
 
 
 def main(argv=None):
