@@ -272,3 +272,33 @@ def test_loss_bf16(grad_in_forward):
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     torch.testing.assert_close(gh.float(), rh.float(), rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(gw.float(), rw.float(), rtol=2e-2, atol=1e-2)
+
+
+def test_lora_layers_train_under_bf16_autocast_over_fp32_weights(tiny_llama):
+    """`train.bf16: true` with fp32 weights runs the model under autocast: every LoRA layer (all-linear, DoRA
+    too) must compute in bf16 and give gradients close to the fp32 run's."""
+    from transformers import AutoModelForCausalLM
+
+    from peftcli import runs
+    from peftcli.methods.lora import LoraConfig
+
+    ids = torch.randint(5, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    for dora in (False, True):
+        grads = []
+        for autocast in (False, True):
+            torch.manual_seed(0)
+            model = runs.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "lora",
+                                       LoraConfig(target_modules="all-linear", use_dora=dora))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("lora_B"):
+                        p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert grads[0].keys() == grads[1].keys()
+        for name, want in grads[0].items():
+            assert grads[1][name].dtype == torch.float32  # fp32 master weights keep fp32 gradients
+            error = torch.linalg.vector_norm(grads[1][name] - want) / torch.linalg.vector_norm(want)
+            assert error < 0.05, (name, float(error))  # bf16 rounding, not a wrong gradient

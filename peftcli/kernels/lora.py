@@ -129,6 +129,14 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Mixed precision (`train.bf16` over fp32 weights): compute in the autocast dtype, as nn.Linear would.
+        # Autocast itself is switched off inside, since it would recast the function's matmuls one by one
+        # and leave the fused adapter add with mixed dtypes.
+        compute = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _LoRALinearFn.apply(x.to(compute), weight, bias, lora_a, lora_b, float(scale), p)
     return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scale), p)
 
 
