@@ -50,7 +50,7 @@ def parse(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--batch", type=int, default=8, help="per-GPU batch")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warm", type=int, default=10)
     p.add_argument("--kill-at", type=int, default=20)
     p.add_argument("--parts", default="ddp,fsdp,resume")
@@ -128,12 +128,18 @@ def throughput(run: Path, batch: int, processes: int, warm: int) -> dict:
             "step_ms": round(1000 * seconds / (last["step"] - first["step"]), 1), "final_loss": last["loss"]}
 
 
+def shared_recipe(args, folder: Path, work: Path) -> Path:
+    """One recipe for the DDP and resume parts (per-step logging, checkpoints only when stopped), so the
+    DDP part's 2-GPU run doubles as the resume part's uninterrupted reference."""
+    return write_recipe(args, folder, work / "ddp.yaml", args.steps, save_steps=1000, logging_steps=1)
+
+
 def ddp_config(args) -> str:
     return "cpu_ddp.yaml" if args.tiny else "ddp.yaml"  # --tiny: gloo processes on the CPU
 
 
 def part_ddp(args, folder, work) -> list[dict]:
-    recipe = write_recipe(args, folder, work / "ddp.yaml", args.steps)
+    recipe = shared_recipe(args, folder, work)
     lines = []
     for processes, config in ((1, "cpu_ddp.yaml" if args.tiny else "single_gpu.yaml"), (2, ddp_config(args))):
         out = work / f"ddp{processes}"
@@ -194,9 +200,10 @@ def check_merge(run: Path, work: Path) -> dict:
 
 def part_resume(args, folder, work) -> list[dict]:
     """Uninterrupted 2-GPU run, then the same recipe SIGTERMed at --kill-at and resumed: per-step losses must match."""
-    recipe = write_recipe(args, folder, work / "resume.yaml", args.steps, save_steps=1000, logging_steps=1)
-    reference, out = work / "resume-reference", work / "resume"
-    launch(ddp_config(args), 2, recipe, reference, "new", work)
+    recipe = shared_recipe(args, folder, work)
+    reference, out = work / "ddp2", work / "resume"
+    if not (reference / "log.jsonl").is_file():  # the DDP part's 2-GPU run is the uninterrupted reference
+        launch(ddp_config(args), 2, recipe, reference, "new", work)
     proc = launch(ddp_config(args), 2, recipe, out, "new", work, wait=False)
     log = out / "log.jsonl"
     deadline = time.time() + 300

@@ -42,6 +42,8 @@ def parse(argv=None):
     p.add_argument("--skip", type=int, default=5, help="untimed warm-up steps")
     p.add_argument("--rows", type=int, default=None, help="use the first N rows")
     p.add_argument("--tiny", action="store_true", help="2-layer model, fp32, for a CPU smoke run")
+    p.add_argument("--dtype", default="float32", help="model.dtype of the recipe (bf16 autocast either way on CUDA)")
+    p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for 3 timed steps")
     p.add_argument("--out", help="also append the JSON lines to this file")
     return p.parse_args(argv)
 
@@ -63,6 +65,7 @@ def recipe_text(args, model: Path, packing: bool, attn: str, out: Path) -> str:
     return f"""model:
   name_or_path: {json.dumps(str(model))}
   task: causal-lm
+  dtype: {args.dtype}
   attn_implementation: {attn}
 data:
   train: {json.dumps(str(Path(args.data).resolve()))}
@@ -133,6 +136,8 @@ def run_variant(args, name: str, model_folder: Path, work: Path) -> dict:
             times.append(time.perf_counter() - self.started)
 
     trainer.add_callback(StepTimer())
+    if args.profile:
+        trainer.add_callback(StepProfiler(args.skip, name))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = trainer.train()
@@ -142,6 +147,34 @@ def run_variant(args, name: str, model_folder: Path, work: Path) -> dict:
             "step_ms": round(1000 * statistics.fmean(timed), 2), "mean_loss": round(result.training_loss, 4),
             "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+class StepProfiler:
+    """torch.profiler over three steps after the warm-up; prints where the step time goes."""
+
+    def __new__(cls, start: int, name: str):
+        from transformers import TrainerCallback
+
+        class _Profiler(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == start:
+                    self.prof = torch.profiler.profile(activities=_activities())
+                    self.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == start + 3 and hasattr(self, "prof"):
+                    _sync()
+                    self.prof.__exit__(None, None, None)
+                    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                    print(f"profile of {name}:\n" + self.prof.key_averages().table(sort_by=sort, row_limit=15),
+                          flush=True)
+
+        return _Profiler()
+
+
+def _activities():
+    kinds = [torch.profiler.ProfilerActivity.CPU]
+    return kinds + [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else kinds
 
 
 def _sync():

@@ -114,13 +114,27 @@ def run_job(job: dict) -> dict:
         return {**job, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": time.time() - started}
 
 
+def pin_device(devices, gpus: int) -> None:
+    """Worker start-up: see one GPU only (before torch is imported), so `cuda` means that GPU."""
+    import os
+
+    index = devices.get()
+    if gpus > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+
+
 class Scheduler:
     """A process pool that starts jobs in the order given, holds each until the runs it needs have finished,
     and stops starting jobs at the deadline."""
 
-    def __init__(self, workers: int, deadline: float | None):
+    def __init__(self, workers: int, deadline: float | None, gpus: int = 1):
+        context = mp.get_context("spawn")
+        devices = context.Queue()
+        for worker in range(workers):  # workers spread round-robin over the GPUs, one device each
+            devices.put(worker % max(gpus, 1))
         # no max_tasks_per_child: with it, Python 3.11 can leave queued jobs with no worker (CPython gh-115634)
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=pin_device,
+                                        initargs=(devices, gpus))
         self.deadline, self.waiting, self.running = deadline, [], {}
         self.results: dict[str, dict] = {}
         self.not_run: list[dict] = []
@@ -246,6 +260,7 @@ def main() -> None:
     parser.add_argument("--sweep-seed", type=int, default=0)
     parser.add_argument("--skip-done", help="file listing TASK/method/seedN jobs finished by an earlier invocation")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--gpus", type=int, default=1, help="spread the workers over this many GPUs")
     parser.add_argument("--budget-minutes", type=float, default=None, help="stop starting jobs after this")
     parser.add_argument("--out", default="runs/glue")
     parser.add_argument("--set", action="append", help="extra override for every job, e.g. train.bf16=true")
@@ -259,7 +274,7 @@ def main() -> None:
     all_recipes = recipes()
     wanted = list(all_recipes) if args.methods == "all" else args.methods.split(",")
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
-    scheduler = Scheduler(args.workers, deadline)
+    scheduler = Scheduler(args.workers, deadline, args.gpus)
     scales = {"SST-2": 1.0, **parse_scales(args.epochs_scale)}
     plan = sweep(args, scheduler, root, all_recipes) if args.sweep_scales else None
     seeds = [int(s) for s in args.seeds.split(",")]
