@@ -72,8 +72,13 @@ def make_model(args, folder: Path) -> None:
                          max_position_embeddings=8192, rms_norm_eps=1e-5, use_cache=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32 if args.tiny else torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 1.2B weights is slow on a CPU
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.float32 if args.tiny else torch.bfloat16)
     model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     tokenizer.save_pretrained(folder)
 
 
