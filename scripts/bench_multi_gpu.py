@@ -47,7 +47,7 @@ except (UserError, TrainingStopped) as exc:  # the exit codes `peft train` gives
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="folder with a tokenizer (and config.json for its vocabulary)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="an Alpaca JSON file, or `fixed`: same-length synthetic rows")
     p.add_argument("--batch", type=int, default=8, help="per-GPU batch")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--steps", type=int, default=40)
@@ -82,6 +82,23 @@ def make_model(args, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def fixed_length_data(args, folder: Path, work: Path) -> Path:
+    """Alpaca rows that all tokenize past --max-length, so every batch on every GPU is the same size and the
+    scaling ratio measures the GPUs, not which ranks drew the longer batches."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    words = AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(list(range(1000, 3000)))
+    rng = random.Random(0)
+    rows = [{"instruction": "Continue the list.", "input": "",
+             "output": " ".join(w.lstrip("Ġ▁") for w in rng.choices(words, k=2 * args.max_length))}
+            for _ in range(args.batch * 2 * (args.steps + 2))]
+    path = work / "fixed_length.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return path
+
+
 def write_recipe(args, folder: Path, path: Path, steps: int, save_steps: int | None = None,
                  logging_steps: int = 5) -> Path:
     save = f"\n  save_strategy: steps\n  save_steps: {save_steps}" if save_steps else ""
@@ -89,7 +106,7 @@ def write_recipe(args, folder: Path, path: Path, steps: int, save_steps: int | N
   name_or_path: {json.dumps(str(folder))}
   task: causal-lm
 data:
-  train: {json.dumps(str(Path(args.data).resolve()))}
+  train: {json.dumps(str(Path(args.data).resolve() if args.data != "fixed" else path.parent / "fixed_length.json"))}
   lm_format: alpaca
   max_length: {args.max_length}
 method:
@@ -264,6 +281,8 @@ def main(argv=None):
         work = Path(tmp)
         folder = work / "model"
         make_model(args, folder)
+        if args.data == "fixed":
+            fixed_length_data(args, folder, work)
         for part in args.parts.split(","):
             try:
                 produced = {"ddp": part_ddp, "fsdp": part_fsdp, "resume": part_resume}[part](args, folder, work)
