@@ -322,14 +322,45 @@ def render(roots: list[str], out: Path) -> None:
     from peftcli.compare import compare
     from peftcli.runs import is_run_dir
 
-    dirs = sorted({str(p.parent) for root in roots for p in Path(root).rglob("method.json")
-                   if "sweep" not in p.parts and is_run_dir(p.parent)})
+    chosen: dict[str, str] = {}  # TASK/method/seedN -> run dir; a job re-run later as a source counts once
+    for root in roots:
+        for p in sorted(Path(root).rglob("metrics.json")):
+            key = str(p.parent.relative_to(root))
+            if "sweep" not in p.parts and is_run_dir(p.parent):
+                chosen.setdefault(key, str(p.parent))
+    dirs = sorted(chosen.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     compare(dirs, str(out))
     rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-    sections = [task_section(task, [r for r in rows if r["data"] == task]) for task in TASKS]
+    sections = [overview_section(rows)] + [task_section(task, [r for r in rows if r["data"] == task])
+                                           for task in TASKS]
     out.with_suffix(".sections.md").write_text("\n".join(s for s in sections if s), encoding="utf-8")
     print(out.with_suffix(".sections.md").read_text(encoding="utf-8"))
+
+
+def overview_section(rows: list[dict]) -> str:
+    """One row per recipe, one column per task: mean ± std over seeds (seed count in brackets)."""
+    by_recipe: dict[str, dict] = {}
+    for r in rows:
+        by_recipe.setdefault(r["recipe"], {"method": r["method"], "pct": r["trainable_pct"]})[r["data"]] = r
+    head = ["recipe", "method", "trained %"] + [f"{t} {'/'.join(TASKS[t]['metrics'])}" for t in TASKS]
+    lines = ["### All tasks", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(r, task):
+        if r is None:
+            return "not run"
+        values = [r.get(m) for m in TASKS[task]["metrics"]]
+        if any(v is None for v in values):
+            return "n/a"
+        return " / ".join(f"{100 * v:.1f} ± {100 * r.get(m + '_std', 0):.1f}"
+                          for v, m in zip(values, TASKS[task]["metrics"])) + f" ({r['seeds']})"
+
+    order = sorted(by_recipe, key=lambda k: -(by_recipe[k].get("SST-2", {}).get("accuracy") or 0))
+    for name in order:
+        entry = by_recipe[name]
+        lines.append(f"| {name} | {entry['method']} | {entry['pct']:.2f} | "
+                     + " | ".join(cell(entry.get(t), t) for t in TASKS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def task_section(task: str, rows: list[dict]) -> str:
