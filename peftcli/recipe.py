@@ -121,6 +121,8 @@ class ImportanceSection:
     invert: bool = field(False, doc="give the least important groups the largest rate")
     warmup_steps: int = field(20, check=non_negative, doc="steps of base rates before the first update")
     update_every: int = field(10, check=positive, doc="K: recompute the multipliers every K steps")
+    score_every: int = field(1, check=positive, doc="fold gradient scores into the EMA every k-th step only "
+                                                    "(their per-step cost divides by k)")
     layers: list[int] | None = field(None, doc="scale only these layer indices; the rest keep the base rate")
     hessian_probes: int = field(1, check=positive, doc="Hutchinson probes per Hessian estimate")
     hessian_interval: int = field(50, check=positive, doc="steps between Hessian estimates (a double backward)")

@@ -136,3 +136,23 @@ def test_peft_train_writes_importance_logs_to_the_run(tiny_bert, tmp_path):
     entries = [json.loads(line) for line in (tmp_path / "run" / "importance.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries] == [2, 4, 6] and len(entries[0]["scale"]) == len(entries[0]["units"]) > 2
     assert (tmp_path / "run" / "importance.png").is_file()
+
+
+def test_score_every_k_scores_only_every_kth_step(tiny_bert, tmp_path, monkeypatch):
+    """`score_every: k` folds gradient scores into the EMA on steps 0, k, 2k, ... only: the knob that divides the
+    scoring cost by k."""
+    from peftcli.optim import importance_callback
+
+    scored = []
+    real = importance_callback.group_scores
+
+    def counting(groups, kinds):
+        scored.append(kinds)
+        return real(groups, kinds)
+
+    monkeypatch.setattr(importance_callback, "group_scores", counting)
+    for every, expected in ((1, 6), (3, 2)):
+        scored.clear()
+        rules = importance(scores={"taylor": 1.0}, score_every=every)
+        make_trainer(tiny_bert, tmp_path / str(every), rules=rules, max_steps=6).train()
+        assert len([k for k in scored if "taylor" in k]) == expected

@@ -51,7 +51,7 @@ class ImportanceCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
         groups = optimizer.param_groups
         kinds = [k for k in self.cfg.scores if k in GRADIENT_SCORES]
-        if kinds:
+        if kinds and state.global_step % self.cfg.score_every == 0:
             self._smooth(group_scores(groups, kinds))
         if "hessian" in self.cfg.scores and state.global_step % self.cfg.hessian_interval == 0 and \
                 self.last_inputs is not None:
