@@ -174,7 +174,8 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
         trainer_cls, task_options = make_trainer_class(), trainer_options(the_plan)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=the_plan.data.train, eval_dataset=the_plan.data.eval,
-        data_collator=make_collator(recipe.model.task, the_plan.tokenizer, packing=recipe.data.packing),
+        data_collator=make_collator(recipe.model.task, the_plan.tokenizer, packing=recipe.data.packing,
+                                    boundaries=recipe.model.attn_implementation == "varlen"),
         processing_class=the_plan.tokenizer,
         compute_metrics=None if the_plan.tasks else make_compute_metrics(
             recipe.model.task, the_plan.metrics, the_plan.num_labels, the_plan.data.labels),

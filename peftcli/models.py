@@ -94,7 +94,11 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
                   dtype=DTYPES[model.dtype])
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
-    if model.attn_implementation:
+    if model.attn_implementation == "varlen":
+        from .kernels import varlen
+
+        kwargs["attn_implementation"] = varlen.register()
+    elif model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
     if model.task in ("sequence-classification", "token-classification", "image-classification"):
         # The task head is trained from scratch anyway: a base that ships a head for another label count
@@ -108,6 +112,10 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: the head is trained
     try:
         loaded = auto_class(model.task).from_pretrained(path, **kwargs)
+        if model.attn_implementation == "varlen" and not getattr(loaded, "_supports_attention_backend", False):
+            raise UserError(f"model.attn_implementation: varlen (the default with data.packing) needs a model that "
+                            f"uses transformers' attention interface; {type(loaded).__name__} does not: set "
+                            f"model.attn_implementation: sdpa")
         if model.gguf_file:
             mark_dequantized(loaded)
         if model.fused_kernels:

@@ -28,7 +28,8 @@ class ModelSection:
     gguf_file: str | None = field(None, doc="GGUF file inside name_or_path (dequantised on load)")
     num_labels: int | None = field(None, check=positive, doc="classes; 1 = regression. Inferred from data if unset")
     labels: list[str] | None = field(None, doc="label names in id order. Inferred from data if unset")
-    attn_implementation: str | None = field(None, doc="eager | sdpa | flash_attention_2 (transformers' choice)")
+    attn_implementation: str | None = field(None, doc="eager | sdpa | flash_attention_2 | varlen (per-example "
+                                                      "attention for packed rows; the default with data.packing)")
     fused_kernels: bool = field(False, doc="swap Llama/Mistral/Qwen RMSNorm and SwiGLU MLPs for fused Triton "
                                            "kernels (CUDA; PyTorch elsewhere); parameter names unchanged")
     allow_pickle: bool = field(False, doc="allow pickle-based weight files (.bin/.pt): they can run code on load")
@@ -226,6 +227,7 @@ def recipe_from_dict(data, source: str, recipe_dir: Path, overrides=(), output_d
     optim = build(OptimSection, data.get("optim"), root.child("optim", data))
     eval_section = build(EvalSection, data.get("eval"), root.child("eval", data))
     check_model_safety(model, root.child("model", data))
+    check_packing(model, data_section, method_name, root.child("data", data), data["data"])
     raw = plain(data)
     raw["train"] = {**(raw.get("train") or {}), "output_dir": train["output_dir"]}  # `train:` may be empty
     extras = {key: build(SECTIONS[key], data[key], root.child(key, data)) for key in ("layerdrop", "distill")
@@ -315,6 +317,24 @@ def build_train(section, where: Where, source: str) -> dict:
         raise where.child("output_dir", section).error(
             f"expected a folder path, got {out['output_dir']!r}; e.g. output_dir: runs/my-run")
     return out
+
+
+# Methods that put virtual tokens or a key/value prefix in front of each row: in a packed row only the first
+# example would see them.
+ROW_PREFIX_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "trigger_tokens", "mam",
+                      "unipelt")
+
+
+def check_packing(model: ModelSection, data: DataSection, method_name: str, where: Where, section) -> None:
+    """Packed rows run varlen attention unless the recipe names another implementation."""
+    if not data.packing:
+        return
+    if method_name in ROW_PREFIX_METHODS:
+        raise where.child("packing", section).error(
+            f"method '{method_name}' prepends virtual tokens or a prefix to each row; in a packed row only the "
+            f"first example would see them: set data.packing: false")
+    if model.attn_implementation is None:
+        model.attn_implementation = "varlen"
 
 
 def check_model_safety(model: ModelSection, where: Where) -> None:

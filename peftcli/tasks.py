@@ -128,11 +128,13 @@ def _encode_tokens(rows, key, tokenizer, section: DataSection, labels):
     return features
 
 
-def make_collator(task: str, tokenizer, pad_to_multiple_of: int | None = None, packing: bool = False):
+def make_collator(task: str, tokenizer, pad_to_multiple_of: int | None = None, packing: bool = False,
+                  boundaries: bool = False):
+    """`boundaries`: packed batches also carry each example's span for varlen attention (kernels/varlen.py)."""
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if packing:  # recipe validation allows it for causal-lm only
-        return PackedCausalLMCollator()
+        return PackedCausalLMCollator(boundaries)
     if task == "sequence-classification":
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     if task == "token-classification":
@@ -173,16 +175,28 @@ class PackedCausalLMCollator:
     attends across examples. Each example's first label becomes IGNORE: it would otherwise be the target of
     the previous example's last token. The unpadded batch never scores that position either (labels shift by
     one), so the loss and the Trainer's token count equal the padded batch's.
+
+    With `boundaries`, the batch also holds the examples' cumulative lengths and the longest one under the names
+    of transformers' flash-attention kwargs (cu_seq_lens_q/k, max_length_q/k): varlen attention reads them
+    instead of a block-diagonal mask, and finding them here costs no GPU synchronisation.
     """
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids, labels, positions = [], [], []
+    boundaries: bool = False
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids, labels, positions, ends = [], [], [], [0]
         for f in features:
             ids += list(f["input_ids"])
             labels += [IGNORE] + list(f["labels"])[1:]
             positions += range(len(f["input_ids"]))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
+            ends.append(len(ids))
+        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                 "position_ids": torch.tensor([positions])}
+        if self.boundaries:
+            cu_seq = torch.tensor(ends, dtype=torch.int32)
+            longest = max(len(f["input_ids"]) for f in features)
+            batch.update(cu_seq_lens_q=cu_seq, cu_seq_lens_k=cu_seq, max_length_q=longest, max_length_k=longest)
+        return batch
 
 
 def _as_list(value):

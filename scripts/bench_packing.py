@@ -28,8 +28,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = {"padded-sdpa": (False, "sdpa"), "packed-sdpa": (True, "sdpa"),
-            "packed-flex": (True, "flex_attention")}
+# packed-sdpa: one row with transformers' block-diagonal mask; packed-varlen: per-example flash attention from
+# the collator's boundaries (peftcli/kernels/varlen.py), the default for `data.packing`.
+VARIANTS = {"padded-sdpa": (False, "sdpa"), "packed-sdpa": (True, "sdpa"), "packed-varlen": (True, "varlen")}
+# --shape: SmolLM2-135M as configured, or Llama-3.2-1B's shapes (16 x 2048, GQA 32/8) with the same tokenizer.
+SHAPES = {"tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16),
+          "1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64)}
 
 
 def parse(argv=None):
@@ -42,6 +48,7 @@ def parse(argv=None):
     p.add_argument("--skip", type=int, default=5, help="untimed warm-up steps")
     p.add_argument("--rows", type=int, default=None, help="use the first N rows")
     p.add_argument("--tiny", action="store_true", help="2-layer model, fp32, for a CPU smoke run")
+    p.add_argument("--shape", choices=["config", "1b"], default="config", help="model shape (random weights)")
     p.add_argument("--dtype", default="float32", help="model.dtype of the recipe (bf16 autocast either way on CUDA)")
     p.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for 3 timed steps")
     p.add_argument("--out", help="also append the JSON lines to this file")
@@ -52,9 +59,8 @@ def make_model_folder(args, folder: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(args.config)
-    if args.tiny:
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 64, 128
-        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
+    for key, value in SHAPES.get("tiny" if args.tiny else args.shape, {}).items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(args.config).save_pretrained(folder)
@@ -142,7 +148,8 @@ def run_variant(args, name: str, model_folder: Path, work: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     result = trainer.train()
     timed, tokens = times[args.skip:], counter.tokens[args.skip:len(times)]
-    return {"variant": name, "packing": packing, "attn": attn, "batch": args.batch, "steps": len(times),
+    return {"variant": name, "packing": packing, "attn": attn, "shape": "tiny" if args.tiny else args.shape,
+            "batch": args.batch, "steps": len(times),
             "timed_steps": len(timed), "tokens_per_s": round(sum(tokens) / sum(timed), 1),
             "step_ms": round(1000 * statistics.fmean(timed), 2), "mean_loss": round(result.training_loss, 4),
             "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,

@@ -100,3 +100,73 @@ def test_peft_train_packed_matches_padded_loss_curve(tiny_llama, tmp_path):
     # Logged losses are rounded to 4 significant digits by the Trainer.
     for a, b in zip(packed, padded):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+
+def _varlen_model(folder):
+    from peftcli.kernels import varlen
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=varlen.register()).eval()
+    model.config.use_cache = False
+    return model
+
+
+def test_varlen_attention_equals_masked_sdpa_on_packed_rows(tiny_llama):
+    """The boundaries path (CPU: block mask from cu_seq_lens) gives the logits of transformers' own mask path."""
+    batch = {k: v for k, v in PackedCausalLMCollator(boundaries=True)(features()).items() if k != "labels"}
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    assert batch["max_length_q"] == max(len(f["input_ids"]) for f in features())
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    reference.config.use_cache = False
+    plain = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        torch.testing.assert_close(_varlen_model(tiny_llama)(**batch).logits, reference(**plain).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_model_scores_padded_batches_like_sdpa(tiny_llama):
+    """Evaluation and generation pad their batches (no boundaries): the padding mask must still apply, on either
+    side."""
+    tokenizer = make_tokenizer("llama")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    model = _varlen_model(tiny_llama)
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        batch = tokenizer(["a short one", "a much longer row of several words here"], return_tensors="pt",
+                          padding=True)
+        keep = batch["attention_mask"].bool()
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits[keep], reference(**batch).logits[keep],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_packed_runs_default_to_varlen_and_refuse_row_prefix_methods(tmp_path):
+    from peftcli.recipe import recipe_from_dict
+
+    base = {"model": {"name_or_path": "m", "task": "causal-lm"}, "data": {"train": "x.json", "packing": True},
+            "train": {"output_dir": str(tmp_path / "out")}}
+    recipe = recipe_from_dict({**base, "method": {"name": "lora"}}, "r.yaml", tmp_path)
+    assert recipe.model.attn_implementation == "varlen"
+    with pytest.raises(UserError, match="data.packing: method 'prefix_tuning'"):
+        recipe_from_dict({**base, "method": {"name": "prefix_tuning"}}, "r.yaml", tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen kernel: CUDA only")
+def test_flash_varlen_matches_masked_path_on_cuda():
+    from peftcli.kernels import varlen
+
+    torch.manual_seed(0)
+    lengths = [37, 200, 5, 120]
+    cu_seq = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    total = sum(lengths)
+    q = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(total, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    grad = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for path in (lambda: varlen._flash(q, k, v, cu_seq, max(lengths), None),
+                 lambda: varlen._masked(q.float(), k.float(), v.float(), cu_seq, 0.0, None)):
+        out = path()
+        q.grad = k.grad = v.grad = None
+        out.backward(grad.to(out.dtype))
+        results.append([out.float()] + [t.grad.float().clone() for t in (q, k, v)])
+    for fast, exact in zip(*results):
+        torch.testing.assert_close(fast, exact, rtol=2e-2, atol=2e-2)
