@@ -123,15 +123,18 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def compare(run_dirs: list[str], out: str | None, metric: str | None = None) -> str:
-    """Build the table; with `out`, write <out>.md/.csv/.json/.png. Returns the Markdown."""
+def compare(run_dirs: list[str], out: str | None, metric: str | None = None, prior_runs: list[dict] = ()) -> str:
+    """Build the table; with `out`, write <out>.md/.csv/.json/.png and the per-run rows to <out>.runs.json.
+    `prior_runs`: per-run rows of an earlier table (its .runs.json) for runs whose directories are gone."""
     dirs = [Path(d) for d in run_dirs]
-    if not dirs:
+    if not dirs and not prior_runs:
         raise UserError("peft compare: name at least one run directory")
-    rows = group([read_result(d) for d in dirs])
+    runs = [*prior_runs, *(read_result(d) for d in dirs)]
+    rows = group(runs)
     table = markdown(rows)
     if out:
         base = Path(out)
+        atomic_write(base.with_suffix(".runs.json"), json.dumps(runs, indent=1))
         atomic_write(base.with_suffix(".md"), table)
         atomic_write(base.with_suffix(".csv"), to_csv(rows))
         atomic_write(base.with_suffix(".json"), json.dumps(rows, indent=2))

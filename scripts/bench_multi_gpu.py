@@ -55,6 +55,11 @@ def parse(argv=None):
     p.add_argument("--kill-at", type=int, default=20)
     p.add_argument("--parts", default="ddp,fsdp,resume")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU/gloo smoke run of the script)")
+    p.add_argument("--logging-steps", type=int, default=1,
+                   help="DDP part: the Trainer syncs the GPUs to gather the loss at every logging step")
+    p.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra train-section key for every run, e.g. ddp_find_unused_parameters=false")
+    p.add_argument("--label", default="", help="names this configuration in the JSON lines")
     p.add_argument("--out", help="also append the JSON lines to this file")
     return p.parse_args(argv)
 
@@ -102,6 +107,7 @@ def fixed_length_data(args, folder: Path, work: Path) -> Path:
 def write_recipe(args, folder: Path, path: Path, steps: int, save_steps: int | None = None,
                  logging_steps: int = 5) -> Path:
     save = f"\n  save_strategy: steps\n  save_steps: {save_steps}" if save_steps else ""
+    extra = "".join(f"\n  {key}: {value}" for key, _, value in (o.partition("=") for o in args.train_option))
     path.write_text(f"""model:
   name_or_path: {json.dumps(str(folder))}
   task: causal-lm
@@ -121,7 +127,7 @@ train:
   bf16: {str(not args.tiny).lower()}
   logging_steps: {logging_steps}
   disable_tqdm: true
-  seed: 42{save}
+  seed: 42{save}{extra}
 """, encoding="utf-8")
     return path
 
@@ -153,7 +159,8 @@ def throughput(run: Path, batch: int, processes: int, warm: int) -> dict:
 def shared_recipe(args, folder: Path, work: Path) -> Path:
     """One recipe for the DDP and resume parts (per-step logging, checkpoints only when stopped), so the
     DDP part's 2-GPU run doubles as the resume part's uninterrupted reference."""
-    return write_recipe(args, folder, work / "ddp.yaml", args.steps, save_steps=1000, logging_steps=1)
+    return write_recipe(args, folder, work / "ddp.yaml", args.steps, save_steps=1000,
+                        logging_steps=args.logging_steps)
 
 
 def ddp_config(args) -> str:
@@ -166,12 +173,13 @@ def part_ddp(args, folder, work) -> list[dict]:
     for processes, config in ((1, "cpu_ddp.yaml" if args.tiny else "single_gpu.yaml"), (2, ddp_config(args))):
         out = work / f"ddp{processes}"
         proc = launch(config, processes, recipe, out, "new", work)
-        line = {"part": "ddp", "processes": processes, "config": config, "exit": proc.returncode}
+        line = {"part": "ddp", "label": args.label, "processes": processes, "config": config,
+                "exit": proc.returncode}
         if proc.returncode == 0:
             line.update(throughput(out, args.batch, processes, args.warm))
         lines.append(line)
     if all("samples_per_s" in line for line in lines):
-        lines.append({"part": "ddp", "scaling_2_over_1": round(lines[1]["samples_per_s"] / lines[0]["samples_per_s"],
+        lines.append({"part": "ddp", "label": args.label, "scaling_2_over_1": round(lines[1]["samples_per_s"] / lines[0]["samples_per_s"],
                                                                 3)})
     return lines
 

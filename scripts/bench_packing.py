@@ -62,7 +62,10 @@ def make_model_folder(args, folder: Path) -> None:
     for key, value in SHAPES.get("tiny" if args.tiny else args.shape, {}).items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1B random weights: slow on a CPU
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    del model
     AutoTokenizer.from_pretrained(args.config).save_pretrained(folder)
 
 

@@ -37,6 +37,7 @@ def parse(argv=None):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    p.add_argument("--profile", metavar="DIR", help="write each variant's torch profiler table (2 steps) here")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.tiny:
@@ -162,6 +163,8 @@ def run_throughput(name, args, device):
         torch.cuda.reset_peak_memory_stats()
     with sdpa_backends(name, device):
         times, loss = train_steps(loss_fn, opt, x, args.steps, sync)
+    if args.profile:
+        profile_steps(name, args, loss_fn, opt, x, sync)
     n_mm, n_lora, flops = count_flops(model, cfg, args, lora=name != "full")
     tps = args.batch * args.seq * len(times) / sum(times)
     gib = 2 ** 30
@@ -173,6 +176,18 @@ def run_throughput(name, args, device):
             "n_matmul": n_mm, "n_lora": n_lora, "params_trainable": sum(p.numel() for p in params),
             "final_loss": round(loss, 4), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+
+
+def profile_steps(name, args, loss_fn, opt, x, sync):
+    """Two more steps under torch.profiler; the kernels by GPU time go to DIR/<variant>.txt (after timing, so
+    the profiler's overhead never enters the reported numbers)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof, sdpa_backends(name, "cuda"):
+        train_steps(loss_fn, opt, x, 2, sync)
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    (folder / f"{name}.txt").write_text(table, encoding="utf-8")
 
 
 def run_curve(args, device):

@@ -264,11 +264,22 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=None, help="stop starting jobs after this")
     parser.add_argument("--out", default="runs/glue")
     parser.add_argument("--set", action="append", help="extra override for every job, e.g. train.bf16=true")
-    parser.add_argument("--render", nargs="+", metavar="RUN_ROOT",
+    parser.add_argument("--render", nargs="*", metavar="RUN_ROOT",
                         help="only rebuild table + Markdown from the run directories under these roots")
+    parser.add_argument("--prior-runs", help="with --render: per-run rows (an earlier table's .runs.json) of runs "
+                                             "whose directories are gone; a run directory of the same task, "
+                                             "recipe and seed replaces its row")
+    parser.add_argument("--recover-runs", metavar="TABLE_JSON",
+                        help="write per-run rows (<--out>.runs.json) recovered from a table of one or two seeds")
     args = parser.parse_args()
-    if args.render:
-        render(args.render, Path(args.out))
+    if args.recover_runs:
+        recovered = recover_runs(json.loads(Path(args.recover_runs).read_text(encoding="utf-8")))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_suffix(".runs.json").write_text(json.dumps(recovered, indent=1), encoding="utf-8")
+        return
+    if args.render is not None:
+        prior = json.loads(Path(args.prior_runs).read_text(encoding="utf-8")) if args.prior_runs else []
+        render(args.render, Path(args.out), prior)
         return
     root = Path(args.out)
     all_recipes = recipes()
@@ -317,9 +328,10 @@ def finish(args, scheduler: Scheduler, scales: dict, sweep_rows: list[dict]) -> 
     print(json.dumps({"finished": len(done), "failed": len(notes["failed"]), "not_run": len(scheduler.not_run)}))
 
 
-def render(roots: list[str], out: Path) -> None:
-    """Table files + per-task Markdown sections from finished run directories (sweep runs left out)."""
-    from peftcli.compare import compare
+def render(roots: list[str], out: Path, prior: list[dict] = ()) -> None:
+    """Table files + per-task Markdown sections from finished run directories (sweep runs left out) and the
+    per-run rows of earlier tables."""
+    from peftcli.compare import compare, read_result
     from peftcli.runs import is_run_dir
 
     chosen: dict[str, str] = {}  # TASK/method/seedN -> run dir; a job re-run later as a source counts once
@@ -329,13 +341,40 @@ def render(roots: list[str], out: Path) -> None:
             if "sweep" not in p.parts and is_run_dir(p.parent):
                 chosen.setdefault(key, str(p.parent))
     dirs = sorted(chosen.values())
+    fresh = {_run_key(read_result(Path(d))) for d in dirs}
+    prior = [row for row in prior if _run_key(row) not in fresh]
     out.parent.mkdir(parents=True, exist_ok=True)
-    compare(dirs, str(out))
+    compare(dirs, str(out), prior_runs=prior)
     rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     sections = [overview_section(rows)] + [task_section(task, [r for r in rows if r["data"] == task])
                                            for task in TASKS]
     out.with_suffix(".sections.md").write_text("\n".join(s for s in sections if s), encoding="utf-8")
     print(out.with_suffix(".sections.md").read_text(encoding="utf-8"))
+
+
+def _run_key(row: dict) -> tuple:
+    return row["data"], row["recipe"], row["seed"]
+
+
+def recover_runs(table: list[dict]) -> list[dict]:
+    """Per-run rows from a table that kept only mean and sample std per row: exact for one seed, and for two
+    (the values are mean +- std/sqrt(2)) except which seed scored which, so the higher value is given to the
+    first run listed. Rows of three or more seeds cannot be split and are refused."""
+    runs = []
+    for row in table:
+        if row["seeds"] > 2:
+            raise SystemExit(f"{row['data']}/{row['recipe']}: {row['seeds']} seeds cannot be recovered from mean/std")
+        names = [k[:-len("_std")] for k in row if k.endswith("_std")]
+        for index, run in enumerate(row["runs"]):
+            sign = (1, -1)[index] if row["seeds"] == 2 else 0
+            metrics = {n: row[n] + sign * row[f"{n}_std"] / 2 ** 0.5 for n in names}
+            runs.append({"run": run, "method": row["method"], "recipe": row["recipe"], "data": row["data"],
+                         "seed": int(re.search(r"seed(\d+)", run).group(1)), "metrics": metrics,
+                         "trainable_params": row["trainable_params"], "trainable_pct": row["trainable_pct"],
+                         "train_seconds": row["train_seconds"], "train_samples_per_second": row["samples_per_second"],
+                         "peak_memory_mib": row["peak_memory_mib"], "device": row["device"],
+                         "recovered": "from its table row's mean and std" if row["seeds"] == 2 else "one seed"})
+    return runs
 
 
 def overview_section(rows: list[dict]) -> str:
