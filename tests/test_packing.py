@@ -170,3 +170,19 @@ def test_flash_varlen_matches_masked_path_on_cuda():
         results.append([out.float()] + [t.grad.float().clone() for t in (q, k, v)])
     for fast, exact in zip(*results):
         torch.testing.assert_close(fast, exact, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen kernel: CUDA only")
+def test_varlen_takes_the_flash_kernel_for_an_fp32_model_under_autocast(tiny_llama, monkeypatch):
+    """fp32 weights + bf16 autocast (train.bf16 on an fp32 model) must still reach the flash kernel."""
+    from peftcli.kernels import varlen
+
+    calls = []
+    flash = varlen._flash
+    monkeypatch.setattr(varlen, "_flash", lambda *a: calls.append(a[0].dtype) or flash(*a))
+    model = _varlen_model(tiny_llama).cuda()
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v)
+             for k, v in PackedCausalLMCollator(boundaries=True)(features()).items() if k != "labels"}
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        model(**batch)
+    assert calls and set(calls) == {torch.bfloat16}

@@ -44,17 +44,21 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError("varlen attention expects one packed row without a key/value prefix "
                          f"(got query {tuple(query.shape)}, key {tuple(key.shape)})")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
+    dtype = _compute_dtype(q)
     if module.training and dropout > 0:  # the varlen kernel has no attention dropout
         out = _masked(q, k, v, cu_seq, dropout, scaling)
-    elif _flash_ok(q):
-        out = _flash(q, k, v, cu_seq, int(kwargs["max_length_q"]), scaling)
+    elif q.is_cuda and dtype in (torch.bfloat16, torch.float16) and _varlen_fn() is not None:
+        out = _flash(*(t.to(dtype) for t in (q, k, v)), cu_seq, int(kwargs["max_length_q"]), scaling)
     else:
         out = _masked(q, k, v, cu_seq, 0.0, scaling)
     return out.unsqueeze(0), None
 
 
-def _flash_ok(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _varlen_fn() is not None
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """Under autocast, attention runs in the autocast dtype (as SDPA would): an fp32 model's rotary embedding
+    hands over fp32 queries and keys even when the projections ran in bf16."""
+    device = q.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
 
 
 @functools.cache
