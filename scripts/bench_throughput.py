@@ -26,11 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["hf-peft-lora", "full", "peftcli-lora-unfused", "peftcli-lora", "peftcli-lora-cudnn",
             "peftcli-lora-compile", "peftcli-lora-cudnn-compile", "curve"]
+# Other methods on the same model and batch (--variants methods): HF peft where it has the method, else ours only.
+METHOD_VARIANTS = ["hf-peft-dora", "peftcli-dora", "hf-peft-ia3", "peftcli-ia3", "peftcli-adapter",
+                   "hf-peft-prefix", "peftcli-prefix"]
+IA3_TARGETS, IA3_FFN = ["k_proj", "v_proj", "down_proj"], ["down_proj"]  # HF peft's Llama defaults
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma list of {VARIANTS + METHOD_VARIANTS}, or `methods` for the second list")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # the subprocess runs exactly one
     for flag, default in (("--batch", 8), ("--seq", 2048), ("--warmup", 3), ("--steps", 10), ("--rank", 16),
                           ("--alpha", 32), ("--chunk", 2048), ("--curve-steps", 30)):
@@ -94,9 +99,44 @@ def peftcli_loss_fn(model, args, compiled: bool):
     return loss_fn
 
 
+def other_method(name, model, args):
+    """HF peft or peftcli with DoRA, IA3, a Houlsby adapter or prefix tuning (20 virtual tokens, MLP encoder)."""
+    if name.startswith("hf-peft"):
+        import peft
+
+        task = "CAUSAL_LM"
+        cfg = {"hf-peft-dora": lambda: peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
+                                                        use_dora=True, task_type=task),
+               "hf-peft-ia3": lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FFN,
+                                                     task_type=task),
+               "hf-peft-prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True,
+                                                                 encoder_hidden_size=512, task_type=task)}[name]()
+        return peft.get_peft_model(model, cfg)
+    from peftcli import runs
+    from peftcli.methods.adapter import AdapterConfig
+    from peftcli.methods.ia3 import Ia3Config
+    from peftcli.methods.lora import LoraConfig
+    from peftcli.methods.prefix_tuning import PrefixTuningConfig
+
+    method, cfg = {"peftcli-dora": ("lora", lambda: LoraConfig(r=args.rank, alpha=args.alpha, target_modules=TARGETS,
+                                                              use_dora=True)),
+                   "peftcli-ia3": ("ia3", lambda: Ia3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FFN)),
+                   "peftcli-adapter": ("adapter", lambda: AdapterConfig()),
+                   "peftcli-prefix": ("prefix_tuning", lambda: PrefixTuningConfig())}[name]
+    return runs.prepare_model(model, method, cfg())
+
+
 def make_variant(name, args, device):
     """(model, loss_fn(x) -> scalar) for one variant."""
     model, cfg = build_base(args, device)
+    if name in METHOD_VARIANTS:
+        model = other_method(name, model, args)
+        if name in ("peftcli-dora", "peftcli-ia3"):  # our fast path: fused norm/MLP kernels, chunked loss
+            from peftcli.speedups import use_fused_kernels
+
+            use_fused_kernels(model)
+            return model, cfg, peftcli_loss_fn(model, args, compiled=False)
+        return model, cfg, lambda x: model(input_ids=x, labels=x).loss  # the prefix hook sits on the top model
     if name == "hf-peft-lora":
         model = hf_peft(model, args)
     elif name.startswith("peftcli"):
@@ -166,6 +206,8 @@ def run_throughput(name, args, device):
     if args.profile:
         profile_steps(name, args, loss_fn, opt, x, sync)
     n_mm, n_lora, flops = count_flops(model, cfg, args, lora=name != "full")
+    if name in METHOD_VARIANTS:
+        n_lora, flops = 0, 4 * n_mm + 12 * cfg.num_hidden_layers * args.seq * cfg.hidden_size  # frozen-base FLOPs
     tps = args.batch * args.seq * len(times) / sum(times)
     gib = 2 ** 30
     return {"variant": name, "batch": args.batch, "seq": args.seq, "measured_steps": len(times),
@@ -253,6 +295,12 @@ def run_one(args):
 def ratios(results):
     by = {r["variant"]: r for r in results if "tokens_per_s" in r}
     out = {"variant": "ratios"}
+    for method in ("dora", "ia3", "prefix"):
+        ours, ref = by.get(f"peftcli-{method}"), by.get(f"hf-peft-{method}")
+        if ours and ref:
+            out[f"peftcli-{method}/hf-peft-{method} tokens_per_s"] = round(ours["tokens_per_s"] / ref["tokens_per_s"], 3)
+            out[f"peftcli-{method}/hf-peft-{method} peak_mem"] = round(
+                ours["peak_mem_alloc_gib"] / ref["peak_mem_alloc_gib"], 3) if ours["peak_mem_alloc_gib"] else None
     for ours in [v for v in VARIANTS if v.startswith("peftcli")]:
         for ref in ("hf-peft-lora", "full"):
             if ours in by and ref in by:
@@ -265,6 +313,8 @@ def ratios(results):
 
 def main(argv=None):
     args = parse(argv)
+    if args.variants == "methods":
+        args.variants = ",".join(METHOD_VARIANTS)
     if args.variant:
         print(json.dumps(run_one(args)), flush=True)
         return
