@@ -180,6 +180,7 @@ def build_trainer(the_plan: Plan, model, out: Path, record: dict, recipe_sha256:
         compute_metrics=None if the_plan.tasks else make_compute_metrics(
             recipe.model.task, the_plan.metrics, the_plan.num_labels, the_plan.data.labels),
         callbacks=callbacks, optim_rules=recipe.optim, recipe_sha256=recipe_sha256,
+        chunked_loss=recipe.model.task == "causal-lm" and recipe.model.chunked_loss and recipe.distill is None,
         save_trained=lambda m, d, gathered=None: runs.save_trained(m, d, record, gathered), **task_options)
     if recipe.model.task != "causal-lm":
         # HF classification heads take **kwargs but return a per-process mean loss that ignores

@@ -32,6 +32,8 @@ class ModelSection:
                                                       "attention for packed rows; the default with data.packing)")
     fused_kernels: bool = field(False, doc="swap Llama/Mistral/Qwen RMSNorm and SwiGLU MLPs for fused Triton "
                                            "kernels (CUDA; PyTorch elsewhere); parameter names unchanged")
+    chunked_loss: bool = field(True, doc="causal-lm training: cross entropy from the hidden states chunk by chunk, "
+                                         "never the full logits (same loss; Llama/Mistral/Qwen/Phi-3/OLMo-2/Gemma)")
     allow_pickle: bool = field(False, doc="allow pickle-based weight files (.bin/.pt): they can run code on load")
 
 

@@ -1,6 +1,9 @@
-"""Swaps a decoder's RMSNorm and SwiGLU MLP modules for fused-kernel versions that keep every parameter name."""
+"""Speed-ups that keep every parameter name: fused RMSNorm / SwiGLU modules, and the chunked causal-LM loss."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from .kernels.fused import rms_norm, swiglu
@@ -49,3 +52,64 @@ def use_fused_kernels(model: nn.Module) -> int:
             continue
         swapped += 1
     return swapped
+
+
+# Decoders whose forward is `loss_function(lm_head(hidden), labels)` with nothing non-linear in between
+# (Gemma 2's logit soft-cap is, and is left out by the soft-cap check as well).
+CHUNKED_LOSS_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma")
+
+
+def install_chunked_loss(model: nn.Module, chunk_tokens: int = 2048) -> nn.Module | None:
+    """`model.chunked_loss`: let training steps compute cross entropy from the hidden states chunk by chunk
+    (kernels/loss.py) instead of from a (tokens, vocab) logits tensor and its fp32 copy.
+
+    The LM head keeps its module, parameter and forward; while `hidden_states_to_loss(head)` is active it hands
+    its input through unchanged and the model's `loss_function` applies the head inside the chunked loss. Both
+    happen inside the model's own forward, so data-parallel wrappers and hooks of the methods see an ordinary
+    call. Returns the head, or None where the model does not qualify (other architectures, a head with a bias,
+    a method-wrapped or quantised head, a logit soft-cap)."""
+    from .kernels.loss import chunked_causal_lm_loss
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if (type(head) is not nn.Linear or head.bias is not None or config is None
+            or config.model_type not in CHUNKED_LOSS_MODELS or getattr(config, "final_logit_softcapping", None)):
+        return None
+    plain_forward, default_loss = head.forward, model.loss_function
+    head.peft_hidden_to_loss = False
+
+    def forward(hidden):
+        return hidden if head.peft_hidden_to_loss else plain_forward(hidden)
+
+    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                      **kwargs):
+        if head.peft_hidden_to_loss and shift_labels is None:
+            device = logits.device.type
+            if torch.is_autocast_enabled(device):  # the head's matmul in the autocast dtype, as nn.Linear's would be
+                with torch.autocast(device, enabled=False):
+                    return chunked_causal_lm_loss(logits.to(torch.get_autocast_dtype(device)), head.weight, labels,
+                                                  chunk_tokens, num_items_in_batch, ignore_index=ignore_index)
+            return chunked_causal_lm_loss(logits, head.weight, labels, chunk_tokens, num_items_in_batch,
+                                          ignore_index=ignore_index)
+        if head.peft_hidden_to_loss:  # pre-shifted labels (context parallelism): the plain loss on real logits
+            logits = plain_forward(logits)
+        return default_loss(logits=logits, labels=labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch,
+                            ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+
+    head.forward = forward
+    model.loss_function = loss_function
+    return head
+
+
+@contextlib.contextmanager
+def hidden_states_to_loss(head: nn.Module | None):
+    """Within this block a training forward of the model returns the chunked loss, and hidden states where its
+    logits would be: for the Trainer's loss step only, never for callers that want logits."""
+    if head is None:
+        yield
+        return
+    head.peft_hidden_to_loss = True
+    try:
+        yield
+    finally:
+        head.peft_hidden_to_loss = False

@@ -31,8 +31,11 @@ class PeftTrainer(CheckpointingMixin, Trainer):
     - checkpoints (CheckpointingMixin, resilience.py): committed atomically with a manifest, pickle-free.
     """
 
-    def __init__(self, *args, optim_rules: OptimSection | None = None, save_trained=None, **kwargs):
+    def __init__(self, *args, optim_rules: OptimSection | None = None, save_trained=None, chunked_loss=False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        # model.chunked_loss (speedups.py): the head whose training forward hands hidden states to the loss
+        self._loss_head = self._chunked_loss_head() if chunked_loss else None
         self.optim_rules = optim_rules or OptimSection()
         self.save_trained = save_trained  # (model, output_dir) -> None, writes the run's tensors + configs
         self._aux_modules = [m for m in self.model.modules() if hasattr(m, "peft_aux_loss")]
@@ -71,9 +74,24 @@ class PeftTrainer(CheckpointingMixin, Trainer):
             logs.update(self.importance.log_summary())
         super().log(logs, *args, **kwargs)
 
+    def _chunked_loss_head(self):
+        from .speedups import install_chunked_loss
+
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.label_smoothing_factor:
+            logger.info("model.chunked_loss: off under FSDP / DeepSpeed / label smoothing (the model's own loss)")
+            return None
+        head = install_chunked_loss(self.model)
+        logger.info("model.chunked_loss: %s", "on" if head is not None else
+                    f"not available for {type(self.model).__name__} (the model's own loss)")
+        return head
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        from .speedups import hidden_states_to_loss
+
+        chunked = self._loss_head if model.training and not return_outputs and "labels" in inputs else None
+        with hidden_states_to_loss(chunked):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         if not (model.training and self._aux_modules):
             return result
         loss, outputs = result if return_outputs else (result, None)

@@ -88,14 +88,17 @@ def peftcli_lora(model, args, fused: bool):
 
 
 def peftcli_loss_fn(model, args, compiled: bool):
-    """Hidden states from the decoder, then the chunked loss against the (tied, frozen) lm_head weight."""
-    from peftcli.kernels import chunked_causal_lm_loss
+    """The loss step as `peft train` runs it (model.chunked_loss, speedups.py): the model's own forward, whose
+    head hands the hidden states to the chunked cross entropy against the (tied, frozen) lm_head weight."""
+    from peftcli.speedups import hidden_states_to_loss, install_chunked_loss
 
-    decoder = torch.compile(model.model) if compiled else model.model
+    head = install_chunked_loss(model, chunk_tokens=args.chunk)
+    if compiled:
+        model.model = torch.compile(model.model)
 
     def loss_fn(x):
-        hidden = decoder(input_ids=x).last_hidden_state
-        return chunked_causal_lm_loss(hidden, model.lm_head.weight, x, chunk_tokens=args.chunk)
+        with hidden_states_to_loss(head):
+            return model(input_ids=x, labels=x).loss
     return loss_fn
 
 
