@@ -1,7 +1,9 @@
-"""Speed-ups that keep every parameter name: fused RMSNorm / SwiGLU modules, and the chunked causal-LM loss."""
+"""Speed-ups that keep every parameter name: fused RMSNorm / SwiGLU / rotary kernels, and the chunked causal-LM
+loss."""
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -40,11 +42,15 @@ class FusedSwiGLUMLP(nn.Module):
 
 def use_fused_kernels(model: nn.Module) -> int:
     """Replace every fusable norm and SwiGLU MLP in place; returns how many modules were swapped.
-    Works before or after a method is injected, since the swapped modules keep their children."""
+    Works before or after a method is injected, since the swapped modules keep their children.
+    The architecture's rotary embedding becomes the one-pass kernel too (kernels/rope.py); that swap is of the
+    module's `apply_rotary_pos_emb` function, so it holds for every model of the architecture in the process
+    (off CUDA the wrapper calls the original)."""
     swapped = 0
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if kind in FUSABLE_NORMS:
+            _fuse_rotary(sys.modules[type(module).__module__])
             replace_module(model, name, FusedRMSNorm(module))
         elif kind in FUSABLE_MLPS and getattr(module.config, "hidden_act", None) in ("silu", "swish"):
             replace_module(model, name, FusedSwiGLUMLP(module))
@@ -52,6 +58,13 @@ def use_fused_kernels(model: nn.Module) -> int:
             continue
         swapped += 1
     return swapped
+
+
+def _fuse_rotary(modeling) -> None:
+    from .kernels.rope import fused_rotary
+
+    if hasattr(modeling, "apply_rotary_pos_emb"):
+        modeling.apply_rotary_pos_emb = fused_rotary(modeling.apply_rotary_pos_emb)
 
 
 # Decoders whose forward is `loss_function(lm_head(hidden), labels)` with nothing non-linear in between
