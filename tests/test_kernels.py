@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from peftcli.kernels import chunked_causal_lm_loss, lora_delta_weight, lora_linear
+from peftcli.kernels import chunked_causal_lm_loss, fused, lora_delta_weight, lora_linear
 from peftcli.kernels.lora import _keep_mask
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -302,3 +304,31 @@ def test_lora_layers_train_under_bf16_autocast_over_fp32_weights(tiny_llama):
             assert grads[1][name].dtype == torch.float32  # fp32 master weights keep fp32 gradients
             error = torch.linalg.vector_norm(grads[1][name] - want) / torch.linalg.vector_norm(want)
             assert error < 0.05, (name, float(error))  # bf16 rounding, not a wrong gradient
+
+
+# The Triton cross-entropy kernel (kernels/loss.py, fused_loss_and_grad): on CUDA, or on the CPU under Triton's
+# interpreter (`TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py -k fused_cross` with triton installed).
+_KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("TRITON_INTERPRET") else None)
+
+
+@pytest.mark.skipif(fused.triton is None or _KERNEL_DEVICE is None, reason="Triton on CUDA or its CPU interpreter")
+@MODES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_kernel_matches_reference(grad_in_forward, dtype, monkeypatch):
+    from peftcli.kernels import loss as loss_module
+
+    calls = []
+    monkeypatch.setattr(loss_module, "_fused_applies", lambda logits, softcap: calls.append(1) or softcap is None)
+    hidden, weight, labels = _loss_inputs(torch.float32, h=16, v=5000)  # vocab > the kernel's 4096 block
+    hidden, weight = (t.detach().to(_KERNEL_DEVICE, dtype).requires_grad_() for t in (hidden, weight))
+    labels = labels.remainder(5000).to(_KERNEL_DEVICE)
+    labels[0, :3] = -100
+    got = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5, num_items_in_batch=11,
+                                 grad_in_forward=grad_in_forward)
+    want = _ref_loss(hidden, weight, labels, num_items_in_batch=11)
+    assert calls
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got * 2.5, (hidden, weight)), torch.autograd.grad(want * 2.5, (hidden, weight))):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), **tol)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused import triton
 from .lora import mm_fp32
 
 __all__ = ["chunked_causal_lm_loss"]
@@ -16,7 +17,8 @@ def _shifted_labels(labels: Tensor, ignore_index: int) -> Tensor:
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
-def _chunk_log_probs(h: Tensor, w: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+def _chunk_log_probs(h: Tensor, w: Tensor, softcap: float | None, logits: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor | None]:
     """fp32 log-softmax of one chunk's logits, plus the soft-cap derivative when capping.
 
     The matmul runs in the hidden dtype (as HF's lm_head, so values match it bit for bit);
@@ -25,7 +27,7 @@ def _chunk_log_probs(h: Tensor, w: Tensor, softcap: float | None) -> tuple[Tenso
     With a soft cap (Gemma 2: ``cap * tanh(z / cap)``) the derivative ``1 - tanh^2`` is
     returned too.
     """
-    logits = h @ w.t()
+    logits = h @ w.t() if logits is None else logits
     if softcap is None:
         return torch.log_softmax(logits, dim=-1, dtype=torch.float32), None
     z = torch.tanh(logits.float().div_(softcap))
@@ -52,6 +54,52 @@ def _grad_logits(log_probs: Tensor, cap_grad: Tensor | None, targets: Tensor, sc
     return torch.mul(p, scale, out=torch.empty(p.shape, dtype=dtype, device=p.device))
 
 
+def _fused_applies(logits: Tensor, softcap: float | None) -> bool:
+    return triton is not None and logits.is_cuda and softcap is None and logits.stride(-1) == 1
+
+
+def fused_loss_and_grad(logits: Tensor, targets: Tensor, scale: Tensor | None) -> Tensor:
+    """One kernel per chunk instead of log-softmax, gather, exp, scatter and scale: returns each row's
+    -log p(target) (fp32) and, with `scale`, overwrites `logits` with scale * (softmax - onehot) in its own dtype
+    (the one-hot subtracted in fp32, as `_grad_logits`). Two passes over each row's logits: an online
+    max/sum-exp, then the gradient."""
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    scale_t = (scale if scale is not None else torch.ones((), device=logits.device)).float().reshape(1)
+    _ce_kernel[(rows,)](logits, logits.stride(0), targets, loss, scale_t, VOCAB=vocab,  # one compile per vocabulary
+                        BLOCK=min(4096, triton.next_power_of_2(vocab)), WRITE_GRAD=scale is not None)
+    return loss
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _ce_kernel(LOGITS, row_stride, TARGETS, LOSS, SCALE, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
+                   WRITE_GRAD: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        at = LOGITS + row * row_stride
+        target = tl.load(TARGETS + row).to(tl.int64)
+        running_max = -float("inf")
+        running_sum = 0.0
+        for start in range(0, VOCAB, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(at + cols, mask=cols < VOCAB, other=-float("inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        tl.store(LOSS + row, lse - tl.load(at + target).to(tl.float32))
+        if WRITE_GRAD:
+            scale = tl.load(SCALE)
+            for start in range(0, VOCAB, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < VOCAB
+                p = tl.exp(tl.load(at + cols, mask=mask, other=0.0).to(tl.float32) - lse)
+                p = tl.where(cols == target, p - 1.0, p)
+                tl.store(at + cols, (p * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean token cross entropy over ``hidden[index]``, one chunk of tokens at a time.
 
@@ -73,11 +121,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grads = _GradBuffers(hidden2d, w, need_h, need_w) if grad_in_forward else None
         for rows in _chunks(index.numel(), chunk_tokens):
             h = hidden2d.index_select(0, index[rows])
-            log_probs, cap_grad = _chunk_log_probs(h, w, softcap)
+            logits = h @ w.t()
+            if _fused_applies(logits, softcap):  # logits become d(loss)/d(logits) in place
+                total += fused_loss_and_grad(logits, targets[rows], inv_denom if grads is not None else None).sum()
+                if grads is not None:
+                    grads.add(h, index[rows], logits)
+                del logits
+                continue
+            log_probs, cap_grad = _chunk_log_probs(h, w, softcap, logits)
             total += _chunk_loss_sum(log_probs, targets[rows])
             if grads is not None:
                 grads.add(h, index[rows], _grad_logits(log_probs, cap_grad, targets[rows], inv_denom, h.dtype))
-            del log_probs, cap_grad  # free this chunk's (chunk, vocab) buffers before the next one
+            del logits, log_probs, cap_grad  # free this chunk's (chunk, vocab) buffers before the next one
         ctx.grad_in_forward = grad_in_forward
         if grad_in_forward:
             ctx.save_for_backward(*grads.result(weight.dtype))
@@ -98,9 +153,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_loss * inv_denom
         for rows in _chunks(index.numel(), ctx.chunk_tokens):
             h = hidden2d.index_select(0, index[rows])
-            log_probs, cap_grad = _chunk_log_probs(h, w, ctx.softcap)
+            logits = h @ w.t()
+            if _fused_applies(logits, ctx.softcap):
+                fused_loss_and_grad(logits, targets[rows], scale)
+                grads.add(h, index[rows], logits)
+                continue
+            log_probs, cap_grad = _chunk_log_probs(h, w, ctx.softcap, logits)
             grads.add(h, index[rows], _grad_logits(log_probs, cap_grad, targets[rows], scale, h.dtype))
-            del log_probs, cap_grad
+            del logits, log_probs, cap_grad
         grad_h, grad_w = grads.result(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
