@@ -141,7 +141,8 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     resume_command = f"peft train {recipe_path} --resume" + (f" --output-dir {output_dir}" if output_dir else "")
     train_with_stops(trainer, resume_from, resume_command, recipe.data.max_length)
     seconds = time.time() - started
-    gathered = trainer.accelerator.get_state_dict(trainer.model)  # collective under FSDP/ZeRO-3: every rank calls
+    # A collective under FSDP / ZeRO-3 (every rank calls); DeepSpeed gathers through its engine, not the module.
+    gathered = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
     if trainer.is_world_process_zero():
         runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record, gathered)
     metrics = final_metrics(trainer, the_plan, report_dir=out) if the_plan.data.eval else {}

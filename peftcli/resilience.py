@@ -190,12 +190,24 @@ def train_with_stops(trainer, resume_from: Path | None, resume_command: str, max
     except torch.OutOfMemoryError:
         raise TrainingOutOfMemory(oom_message(trainer.args, next(trainer.model.parameters()).dtype,
                                               max_length)) from None
+    except ValueError as exc:
+        if "DeepSpeed config values that mismatch" not in str(exc):
+            raise
+        raise UserError(deepspeed_mismatch_message(str(exc))) from None
     finally:
         stop.restore()
     if stop.stopped_at is not None:
         latest = checkpoint.find_latest(Path(trainer.args.output_dir))
         raise TrainingInterrupted(f"{signal.Signals(stop.received).name} at step {stop.stopped_at}: checkpoint "
                                   f"committed at {latest}; continue with: {resume_command}")
+
+
+def deepspeed_mismatch_message(text: str) -> str:
+    """transformers lists the DeepSpeed settings (from the accelerate config) that disagree with the recipe's."""
+    items = [line.strip(" -") for line in text.splitlines() if line.strip().startswith("- ")]
+    return (f"train: the recipe disagrees with the DeepSpeed config of the launch ({'; '.join(items) or text[:200]}): "
+            f"make them agree, e.g. train.bf16: true for `mixed_precision: bf16`, or the same "
+            f"gradient_accumulation_steps in both")
 
 
 def oom_message(args, dtype, max_length: int) -> str:

@@ -12,7 +12,8 @@ linear layers. Throughput is read from the run's log.jsonl timestamps between th
 
 1. DDP scaling: the same recipe (per-GPU batch fixed) on 1 GPU (configs/single_gpu.yaml) and on 2 GPUs
    (configs/ddp.yaml); prints samples/s of each and the ratio.
-2. FSDP (configs/fsdp.yaml, 2 GPUs): trains, then checks the saved adapter is whole (every LoRA tensor has its
+2. FSDP (configs/fsdp.yaml), and with `--parts zero2,zero3` DeepSpeed ZeRO-2/3 (configs/deepspeed_zero*.yaml;
+   needs deepspeed installed), 2 GPUs: trains, then checks the saved adapter is whole (every LoRA tensor has its
    full shape, every lora_B moved from zero), reloads it, and merge-exports it; the merged model's logits must
    match the adapter model's.
 3. DDP resume: SIGTERM to a 2-GPU job after --kill-at steps (each peftcli worker finishes its step, commits a
@@ -105,8 +106,9 @@ def fixed_length_data(args, folder: Path, work: Path) -> Path:
 
 
 def write_recipe(args, folder: Path, path: Path, steps: int, save_steps: int | None = None,
-                 logging_steps: int = 5) -> Path:
+                 logging_steps: int = 5, bf16: bool | None = None) -> Path:
     save = f"\n  save_strategy: steps\n  save_steps: {save_steps}" if save_steps else ""
+    cpu = "\n  use_cpu: true" if args.tiny else ""
     extra = "".join(f"\n  {key}: {value}" for key, _, value in (o.partition("=") for o in args.train_option))
     path.write_text(f"""model:
   name_or_path: {json.dumps(str(folder))}
@@ -124,10 +126,10 @@ train:
   learning_rate: 2e-4
   max_steps: {steps}
   per_device_train_batch_size: {args.batch}
-  bf16: {str(not args.tiny).lower()}
+  bf16: {str(not args.tiny if bf16 is None else bf16).lower()}
   logging_steps: {logging_steps}
   disable_tqdm: true
-  seed: 42{save}{extra}
+  seed: 42{save}{extra}{cpu}
 """, encoding="utf-8")
     return path
 
@@ -184,16 +186,20 @@ def part_ddp(args, folder, work) -> list[dict]:
     return lines
 
 
-def part_fsdp(args, folder, work) -> list[dict]:
-    import torch
+# Sharded strategies: each trains on 2 GPUs, then its saved adapter must be whole and merge (part -> config).
+SHARDED = {"fsdp": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
+
+
+def part_sharded(args, folder, work, part: str) -> list[dict]:
     from safetensors.torch import load_file
 
-    recipe = write_recipe(args, folder, work / "fsdp.yaml", args.steps)
-    out = work / "fsdp"
-    proc = launch("fsdp.yaml", 2, recipe, out, "new", work)
-    line = {"part": "fsdp", "exit": proc.returncode}
+    # DeepSpeed requires the recipe's precision to be the launch config's (bf16), on the CPU (--tiny) too
+    recipe = write_recipe(args, folder, work / f"{part}.yaml", args.steps, bf16=part != "fsdp" or not args.tiny)
+    out = work / part
+    proc = launch(SHARDED[part], 2, recipe, out, "new", work)
+    line = {"part": part, "config": SHARDED[part], "exit": proc.returncode}
     if proc.returncode != 0:
-        line["log_tail"] = (work / "fsdp-new.log").read_text(encoding="utf-8")[-1500:]
+        line["log_tail"] = (work / f"{part}-new.log").read_text(encoding="utf-8")[-1500:]
         return [line]
     line.update(throughput(out, args.batch, 2, args.warm))
     saved = load_file(str(out / "adapter.safetensors"))
@@ -205,11 +211,11 @@ def part_fsdp(args, folder, work) -> list[dict]:
     line["lora_A_full_width"] = all(saved[k].shape[0] == 16 and saved[k].shape[1] in (
         hidden, config["intermediate_size"]) for k in a_keys)
     line["lora_B_all_moved"] = all(float(saved[k].abs().max()) > 0 for k in saved if k.endswith("lora_B"))
-    line.update(check_merge(out, work))
+    line.update(check_merge(out, work / f"{part}-merged"))
     return [line]
 
 
-def check_merge(run: Path, work: Path) -> dict:
+def check_merge(run: Path, merged_dir: Path) -> dict:
     """Reload the adapter run, merge-export it, and compare both models' logits on one input."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -217,7 +223,6 @@ def check_merge(run: Path, work: Path) -> dict:
     from peftcli import commands
     from peftcli.runs import load_trained
 
-    merged_dir = work / "fsdp-merged"
     commands.merge_export(str(run), str(merged_dir), overwrite=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter_model = load_trained(run)[2].to(device).float().eval()
@@ -293,7 +298,8 @@ def main(argv=None):
             fixed_length_data(args, folder, work)
         for part in args.parts.split(","):
             try:
-                produced = {"ddp": part_ddp, "fsdp": part_fsdp, "resume": part_resume}[part](args, folder, work)
+                produced = (part_sharded(args, folder, work, part) if part in SHARDED else
+                            {"ddp": part_ddp, "resume": part_resume}[part](args, folder, work))
             except Exception as exc:  # report and go on: one broken part must not hide the others
                 produced = [{"part": part, "error": f"{type(exc).__name__}: {exc}"[:500]}]
             for line in produced:

@@ -111,3 +111,16 @@ def test_env_secrets_cannot_be_interpolated_into_a_recipe(name, tiny_bert, tmp_p
     result = run_cli("train", str(recipe))
     assert result.exit_code == 2 and "would copy a secret" in result.output
     assert "canary-secret-value" not in result.output
+
+
+def test_deepspeed_settings_that_disagree_with_the_recipe_give_a_one_line_error():
+    """transformers raises a ValueError listing the DeepSpeed settings the recipe contradicts; peft train turns it
+    into exit 2 with the fix."""
+    from peftcli.resilience import deepspeed_mismatch_message
+
+    text = ("Please correct the following DeepSpeed config values that mismatch TrainingArguments values:\n"
+            "- ds bf16.enabled=True vs hf bf16|bf16_full_eval=False\n"
+            "The easiest method is to set these DeepSpeed config values to 'auto'.")
+    message = deepspeed_mismatch_message(text)
+    assert "\n" not in message and "ds bf16.enabled=True vs hf bf16|bf16_full_eval=False" in message
+    assert "train.bf16: true" in message
