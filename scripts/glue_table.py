@@ -185,6 +185,14 @@ class Scheduler:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def done_keys(path: Path) -> set[str]:
+    """TASK/method/seedN of finished jobs, from a list of such lines or from per-run rows (.runs.json)."""
+    text = path.read_text(encoding="utf-8")
+    if not path.name.endswith(".json"):
+        return set(text.split())
+    return {f"{row['data']}/{row['recipe'][len('sst2-'):]}/seed{row['seed']}" for row in json.loads(text)}
+
+
 def without_done(jobs: list[dict], done: set[str], root: Path) -> list[dict]:
     """Drop jobs listed as TASK/method/seedN (finished by an earlier invocation), except those that a kept job
     needs as its source run: their run directories are not on this machine."""
@@ -258,7 +266,8 @@ def main() -> None:
     parser.add_argument("--sweep-scales", help="choose the MRPC/RTE epoch factor from these, e.g. 1,3,6")
     parser.add_argument("--sweep-methods", default="full,lora,adapter,bitfit")
     parser.add_argument("--sweep-seed", type=int, default=0)
-    parser.add_argument("--skip-done", help="file listing TASK/method/seedN jobs finished by an earlier invocation")
+    parser.add_argument("--skip-done", help="jobs finished by earlier invocations: a file of TASK/method/seedN lines, "
+                                            "or a table's .runs.json")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--gpus", type=int, default=1, help="spread the workers over this many GPUs")
     parser.add_argument("--budget-minutes", type=float, default=None, help="stop starting jobs after this")
@@ -290,7 +299,7 @@ def main() -> None:
     plan = sweep(args, scheduler, root, all_recipes) if args.sweep_scales else None
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    done = set(Path(args.skip_done).read_text(encoding="utf-8").split()) if args.skip_done else set()
+    done = done_keys(Path(args.skip_done)) if args.skip_done else set()
 
     def queue(tasks: list[str]) -> None:
         jobs = [make_job(args, name, all_recipes[name], task, seed, scales.get(task, 1.0), root)
