@@ -95,7 +95,9 @@ def fixed_length_data(args, folder: Path, work: Path) -> Path:
 
     from transformers import AutoTokenizer
 
-    words = AutoTokenizer.from_pretrained(folder).convert_ids_to_tokens(list(range(1000, 3000)))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = len(tokenizer)  # ids 1000-2999 of a real vocabulary; a tiny test tokenizer has fewer
+    words = tokenizer.convert_ids_to_tokens(list(range(min(1000, vocab // 4), min(3000, vocab))))
     rng = random.Random(0)
     rows = [{"instruction": "Continue the list.", "input": "",
              "output": " ".join(w.lstrip("Ġ▁") for w in rng.choices(words, k=2 * args.max_length))}
