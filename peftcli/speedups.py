@@ -40,17 +40,18 @@ class FusedSwiGLUMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def use_fused_kernels(model: nn.Module) -> int:
+def use_fused_kernels(model: nn.Module, rotary: bool = True) -> int:
     """Replace every fusable norm and SwiGLU MLP in place; returns how many modules were swapped.
     Works before or after a method is injected, since the swapped modules keep their children.
     The architecture's rotary embedding becomes the one-pass kernel too (kernels/rope.py); that swap is of the
     module's `apply_rotary_pos_emb` function, so it holds for every model of the architecture in the process
-    (off CUDA the wrapper calls the original)."""
+    (off CUDA the wrapper calls the original); `rotary=False` leaves it alone."""
     swapped = 0
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if kind in FUSABLE_NORMS:
-            _fuse_rotary(sys.modules[type(module).__module__])
+            if rotary:
+                _fuse_rotary(sys.modules[type(module).__module__])
             replace_module(model, name, FusedRMSNorm(module))
         elif kind in FUSABLE_MLPS and getattr(module.config, "hidden_act", None) in ("silu", "swish"):
             replace_module(model, name, FusedSwiGLUMLP(module))

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["hf-peft-lora", "full", "peftcli-lora-unfused", "peftcli-lora", "peftcli-lora-cudnn",
+VARIANTS = ["hf-peft-lora", "full", "peftcli-lora-unfused", "peftcli-lora", "peftcli-lora-norope",
+            "peftcli-lora-noce", "peftcli-lora-cudnn",
             "peftcli-lora-compile", "peftcli-lora-cudnn-compile", "curve"]
 # Other methods on the same model and batch (--variants methods): HF peft where it has the method, else ours only.
 METHOD_VARIANTS = ["hf-peft-dora", "peftcli-dora", "hf-peft-ia3", "peftcli-ia3", "peftcli-adapter",
@@ -76,14 +77,14 @@ def hf_peft(model, args, adapter_fp32=True):
     return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)  # fp32 adapters: peft's default
 
 
-def peftcli_lora(model, args, fused: bool):
+def peftcli_lora(model, args, fused: bool, rotary: bool = True):
     from peftcli import runs
     from peftcli.methods.lora import LoraConfig
     from peftcli.speedups import use_fused_kernels
 
     runs.prepare_model(model, "lora", LoraConfig(r=args.rank, alpha=args.alpha, target_modules=TARGETS))
     if fused:
-        use_fused_kernels(model)
+        use_fused_kernels(model, rotary=rotary)
     return model
 
 
@@ -144,7 +145,14 @@ def make_variant(name, args, device):
         model = hf_peft(model, args)
     elif name.startswith("peftcli"):
         # The compile variants leave norm/MLP fusion to inductor (custom kernels would split its graphs).
-        model = peftcli_lora(model, args, fused="unfused" not in name and "compile" not in name)
+        # `-norope` and `-noce` switch off one Triton kernel each (rotary; loss and gradient of a logits chunk),
+        # to measure what it buys.
+        if name.endswith("-noce"):
+            import peftcli.kernels.loss as loss_kernels
+
+            loss_kernels._fused_applies = lambda logits, softcap: False
+        model = peftcli_lora(model, args, fused="unfused" not in name and "compile" not in name,
+                             rotary=not name.endswith("-norope"))
         return model, cfg, peftcli_loss_fn(model, args, compiled=name.endswith("compile"))
     else:  # full fine-tuning: every parameter trains
         for p in model.parameters():
