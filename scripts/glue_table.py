@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import re
 import statistics
 import sys
@@ -114,13 +115,20 @@ def run_job(job: dict) -> dict:
         return {**job, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": time.time() - started}
 
 
-def pin_device(devices, gpus: int) -> None:
-    """Worker start-up: see one GPU only (before torch is imported), so `cuda` means that GPU."""
+def pin_device(devices, gpus: int, threads: int) -> None:
+    """Worker start-up: see one GPU only (before torch is imported), so `cuda` means that GPU, and use an even
+    share of the CPU cores. Without the share every worker's torch starts one thread per core: 28 workers on 32
+    cores oversubscribe the CPU many times over, and CPU-heavy steps (the SVD method's decomposition at inject)
+    crawl."""
     import os
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     index = devices.get()
     if gpus > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 class Scheduler:
@@ -133,8 +141,9 @@ class Scheduler:
         for worker in range(workers):  # workers spread round-robin over the GPUs, one device each
             devices.put(worker % max(gpus, 1))
         # no max_tasks_per_child: with it, Python 3.11 can leave queued jobs with no worker (CPython gh-115634)
+        threads = max(1, (os.cpu_count() or 1) // workers)  # an even share of the cores each
         self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=pin_device,
-                                        initargs=(devices, gpus))
+                                        initargs=(devices, gpus, threads))
         self.deadline, self.waiting, self.running = deadline, [], {}
         self.results: dict[str, dict] = {}
         self.not_run: list[dict] = []
