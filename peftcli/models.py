@@ -118,8 +118,8 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
                             f"model.attn_implementation: sdpa")
         if model.gguf_file:
             mark_dequantized(loaded)
-        if model.fused_kernels:
-            swap_in_fused_kernels(loaded)
+        if model.fused_kernels or (model.fused_kernels is None and fused_kernels_available()):
+            swap_in_fused_kernels(loaded, required=bool(model.fused_kernels))
         return loaded
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load {model.name_or_path} for task {model.task}: "
@@ -128,12 +128,20 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
         hf_logging.set_verbosity(verbosity)
 
 
-def swap_in_fused_kernels(model) -> None:
-    """model.fused_kernels: fused RMSNorm / SwiGLU modules (speedups.py); an architecture with none to swap is
-    an error, not a silent no-op, so a recipe never claims a speed-up it does not get."""
+def fused_kernels_available() -> bool:
+    """`model.fused_kernels` unset: the Triton kernels are used wherever they can run."""
+    from .kernels.fused import triton
+
+    return triton is not None and torch.cuda.is_available()
+
+
+def swap_in_fused_kernels(model, required: bool = True) -> None:
+    """model.fused_kernels: fused RMSNorm / SwiGLU / rotary (speedups.py). Where the recipe asks for them, an
+    architecture with none to swap is an error, not a silent no-op, so a recipe never claims a speed-up it does
+    not get; left unset, such a model simply keeps its own modules."""
     from .speedups import FUSABLE_MLPS, FUSABLE_NORMS, use_fused_kernels
 
-    if not use_fused_kernels(model):
+    if not use_fused_kernels(model) and required:
         raise UserError(f"model.fused_kernels: {type(model).__name__} has none of the fusable modules "
                         f"({', '.join(FUSABLE_NORMS + FUSABLE_MLPS)}); remove the option for this model")
 

@@ -30,9 +30,11 @@ class ModelSection:
     labels: list[str] | None = field(None, doc="label names in id order. Inferred from data if unset")
     attn_implementation: str | None = field(None, doc="eager | sdpa | flash_attention_2 | varlen (per-example "
                                                       "attention for packed rows; the default with data.packing)")
-    fused_kernels: bool = field(False, doc="swap Llama/Mistral/Qwen RMSNorm, SwiGLU MLPs and rotary embedding "
-                                           "for fused Triton kernels (CUDA; PyTorch elsewhere); parameter names "
-                                           "unchanged. The speed figures of docs/BENCHMARKS.md use it")
+    fused_kernels: bool | None = field(None, doc="swap Llama/Mistral/Qwen RMSNorm, SwiGLU MLPs and rotary "
+                                                  "embedding for fused Triton kernels; parameter names unchanged. "
+                                                  "Unset: on where CUDA and Triton are available and the model "
+                                                  "has such modules; true: required (an error where there is "
+                                                  "nothing to fuse; PyTorch math off CUDA); false: off")
     chunked_loss: bool = field(True, doc="causal-lm training: cross entropy from the hidden states chunk by chunk, "
                                          "never the full logits (same loss; Llama/Mistral/Qwen/Phi-3/OLMo-2/Gemma)")
     allow_pickle: bool = field(False, doc="allow pickle-based weight files (.bin/.pt): they can run code on load")

@@ -110,3 +110,23 @@ def test_recipe_option_fused_kernels_trains_and_reloads(tiny_llama, tiny_bert, t
     result = run_cli("train", str(bert))
     assert result.exit_code == 2 and "model.fused_kernels" in result.output, result.output
     assert not (tmp_path / "sequence-classification").exists()
+
+
+def test_fused_kernels_unset_means_wherever_they_can_run(tiny_llama, tiny_bert, monkeypatch):
+    """Left unset, the kernels go in where CUDA and Triton are (faked here), and a model with nothing to fuse keeps
+    its own modules without an error; `false` keeps them out even then; on a CPU-only machine nothing changes."""
+    from peftcli import models
+    from peftcli.recipe import ModelSection
+
+    def load(path, task, **options):
+        return models.load_model(ModelSection(name_or_path=str(path), task=task, **options), num_labels=2)
+
+    def fused(model):
+        return any(isinstance(m, (FusedSwiGLUMLP, FusedRMSNorm)) for m in model.modules())
+
+    if not models.fused_kernels_available():
+        assert not fused(load(tiny_llama, "causal-lm"))
+    monkeypatch.setattr(models, "fused_kernels_available", lambda: True)
+    assert fused(load(tiny_llama, "causal-lm"))
+    assert not fused(load(tiny_llama, "causal-lm", fused_kernels=False))
+    assert not fused(load(tiny_bert, "sequence-classification"))
