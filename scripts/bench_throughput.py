@@ -135,12 +135,12 @@ def make_variant(name, args, device):
     model, cfg = build_base(args, device)
     if name in METHOD_VARIANTS:
         model = other_method(name, model, args)
-        if name in ("peftcli-dora", "peftcli-ia3"):  # our fast path: fused norm/MLP kernels, chunked loss
+        if name.startswith("peftcli"):  # as `peft train` runs it on CUDA: fused kernels, chunked loss
             from peftcli.speedups import use_fused_kernels
 
             use_fused_kernels(model)
             return model, cfg, peftcli_loss_fn(model, args, compiled=False)
-        return model, cfg, lambda x: model(input_ids=x, labels=x).loss  # the prefix hook sits on the top model
+        return model, cfg, lambda x: model(input_ids=x, labels=x).loss
     if name == "hf-peft-lora":
         model = hf_peft(model, args)
     elif name.startswith("peftcli"):
