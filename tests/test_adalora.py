@@ -39,8 +39,49 @@ def train_with_callback(model, cfg, steps):
         loss.backward()
         callback.on_pre_optimizer_step(None, state, None)
         optimizer.step()
+        callback.on_optimizer_step(None, state, None)
         optimizer.zero_grad()
     return callback
+
+
+def allocate_at(callback, step, total, lambda_scores):
+    """One allocation step with the given λ scores (P and Q scoring zero), as the Trainer calls the hooks."""
+    for name, module in callback.modules.items():
+        for pname in ("lora_A", "lora_B", "lora_E"):
+            shape = getattr(module, pname).shape
+            callback.sensitivity[f"{name}.{pname}"] = torch.zeros(shape)
+            callback.uncertainty[f"{name}.{pname}"] = torch.ones(shape)
+        callback.sensitivity[f"{name}.lora_E"] = torch.tensor(lambda_scores[name])
+    state = SimpleNamespace(global_step=step, max_steps=total, is_world_process_zero=True)
+    callback.on_pre_optimizer_step(None, state, None)
+    callback.on_optimizer_step(None, state, None)
+
+
+def live(callback):
+    return {n: (m.lora_E * m.adalora_mask != 0).tolist() for n, m in callback.modules.items()}
+
+
+def test_a_pruned_triplet_returns_when_its_importance_rises():
+    # Budget 4 -> 2 over 100 steps: steps 20 and 30 allow 3 triplets, the final phase (step >= 80) allows 2.
+    cfg = AdaLoraConfig(init_r=2, target_r=1, delta_t=10, warmup=0.1, final=0.2)
+    model = torch.nn.ModuleDict({n: AdaLoraLinear(torch.nn.Linear(4, 4), r=2, scale=1.0, dropout=0.0,
+                                                  orth_weight=0.0) for n in ("a", "b")})
+    callback = BudgetCallback(cfg, model)
+    with torch.no_grad():
+        for module in callback.modules.values():
+            module.lora_E.fill_(1.0)
+    allocate_at(callback, 20, 100, {"a": [3.0, 0.1], "b": [2.0, 1.0]})
+    assert live(callback) == {"a": [True, False], "b": [True, True]}
+
+    with torch.no_grad():
+        callback.modules["a"].lora_E[1] = 0.5  # the pruned λ kept training (Alg. 1) and grew back
+    allocate_at(callback, 30, 100, {"a": [3.0, 4.0], "b": [2.0, 0.1]})
+    assert live(callback) == {"a": [True, True], "b": [True, False]}
+
+    allocate_at(callback, 80, 100, {"a": [3.0, 4.0], "b": [2.0, 0.1]})
+    assert callback.ranks() == {"a": 2, "b": 0}
+    allocate_at(callback, 90, 100, {"a": [0.1, 0.2], "b": [3.0, 4.0]})  # the final budget stays fixed
+    assert callback.ranks() == {"a": 2, "b": 0}
 
 
 def test_budget_reaches_target_and_masks_reload(tiny_bert, tmp_path):

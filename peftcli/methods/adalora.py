@@ -45,8 +45,9 @@ def validate(cfg: AdaLoraConfig) -> str | None:
 
 
 class AdaLoraLinear(LoraLinear):
-    """LoraLinear whose update is P·diag(Λ ⊙ mask)·Q: lora_B is P, lora_E is Λ, lora_A is Q. The rank mask is a
-    buffer, so it is saved with the run and pruned triplets stay pruned after reload."""
+    """LoraLinear whose update is P·diag(Λ ⊙ mask)·Q: lora_B is P, lora_E is Λ, lora_A is Q. The mask holds the
+    final budget: all ones while budgets are reallocated (pruning zeroes λ_i and the triplet keeps training, so it
+    can return), fixed once the target budget is reached. It is a buffer, saved with the run."""
 
     def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float, orth_weight: float):
         super().__init__(base, r, scale, dropout)
@@ -119,8 +120,8 @@ def budget(step: int, total: int, cfg: AdaLoraConfig, initial: int, target: int)
 
 
 class BudgetCallback(TrainerCallback):
-    """Updates importance scores from gradients before each optimizer step and reallocates the rank budget
-    every delta_t steps (Algorithm 1). Its EMA scores are checkpoint state: state_dict()/load_state_dict()."""
+    """Updates importance scores from gradients after each optimizer step and reallocates the rank budget every
+    delta_t steps (Algorithm 1). Its EMA scores are checkpoint state: state_dict()/load_state_dict()."""
 
     def __init__(self, cfg: AdaLoraConfig, model: nn.Module):
         self.cfg, self.model = cfg, model
@@ -157,31 +158,36 @@ class BudgetCallback(TrainerCallback):
             scores[name] = s["lora_E"] + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
         return scores
 
-    def reallocate(self, allowed: int) -> None:
-        """Keep the `allowed` highest-scoring triplets over all layers; zero the rest of the masks."""
+    def reallocate(self, allowed: int, final: bool) -> None:
+        """Keep the `allowed` highest-scoring triplets over all layers and zero λ of the rest (Eq. 11). Every
+        triplet competes, pruned ones included: a pruned λ_i keeps its gradient and its scores keep updating, so
+        it returns when its importance rises (Sec. 3.2). The final allocation also fixes the masks."""
         scores = self.triplet_scores()
         if len(scores) != len(self.modules):
             return  # no gradients seen yet for some layer
         flat = torch.cat([scores[n] for n in self.modules])
-        active = torch.cat([m.adalora_mask for m in self.modules.values()]).bool()
-        flat = torch.where(active, flat, torch.full_like(flat, -1.0))  # pruned triplets stay pruned
         keep = torch.zeros_like(flat)
-        keep[torch.topk(flat, min(allowed, int(active.sum()))).indices] = 1.0
+        keep[torch.topk(flat, min(allowed, flat.numel())).indices] = 1.0
         offset = 0
         for module in self.modules.values():
             r = module.adalora_mask.numel()
-            module.adalora_mask.copy_(keep[offset:offset + r].to(module.adalora_mask.device))
+            kept = keep[offset:offset + r].to(module.adalora_mask.device)
+            module.lora_E.mul_(kept.to(module.lora_E.dtype))
+            if final:
+                module.adalora_mask.copy_(kept)
             offset += r
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # After the step, like peft's update_and_allocate, so a pruned λ is exactly zero in the next forward pass.
+        if sum(m.rank() for m in self.modules.values()) <= self.target:
+            return  # the masks are fixed: the final phase fine-tunes at the target budget (t_f, Sec. 3.3)
         with torch.no_grad():
             self.update_importance()
             step, total = state.global_step, state.max_steps
+            final = step >= total - int(self.cfg.final * total) or step + 1 >= total
             allowed = budget(step, total, self.cfg, self.initial, self.target)
-            current = sum(m.rank() for m in self.modules.values())
-            last = step + 1 >= total
-            if allowed < current and (step % self.cfg.delta_t == 0 or allowed == self.target or last):
-                self.reallocate(allowed)
+            if final or (allowed < self.initial and step % self.cfg.delta_t == 0):
+                self.reallocate(self.target if final else allowed, final)
 
     def on_train_end(self, args, state, control, **kwargs):
         ranks = self.ranks()
