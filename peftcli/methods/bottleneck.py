@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from transformers.activations import ACT2FN
 
 from ..errors import UserError
+from .signatures import require_hidden_states_first
 
 # Per transformer block: (attention input, attention output projection, FFN input, FFN output projection).
 # Wrapping the output projections puts an adapter right after the projection and before BERT's
@@ -129,7 +130,9 @@ def attach(model: nn.Module, site: Site, where: str, adapter: nn.Module, paralle
     wrapped = AdaptedLinear(model.get_submodule(out_name), site.layer, adapter, parallel, scale, drop)
     setattr(model.get_submodule(parent_name), child, wrapped)
     if parallel:
-        model.get_submodule(in_name).register_forward_pre_hook(wrapped.capture, with_kwargs=True)
+        sublayer = model.get_submodule(in_name)
+        require_hidden_states_first(sublayer, "a parallel adapter")
+        sublayer.register_forward_pre_hook(wrapped.capture, with_kwargs=True)
     return wrapped
 
 

@@ -27,7 +27,7 @@ class MamConfig:
 
 
 def inject(model: nn.Module, cfg: MamConfig) -> nn.Module:
-    install_prefix(model, PrefixEncoder(model, cfg.prefix_length, cfg.prefix_hidden_size), "prefix_encoder")
+    install_prefix(model, PrefixEncoder(model, cfg.prefix_length, cfg.prefix_hidden_size), "prefix_encoder", "mam")
     adapter = ParallelAdapterConfig(bottleneck_size=cfg.bottleneck_size, scale=cfg.scale,
                                     nonlinearity=cfg.nonlinearity, placement=["ffn"])
     return inject_parallel(model, adapter)

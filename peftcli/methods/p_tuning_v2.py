@@ -19,7 +19,7 @@ class PTuningV2Config:
 
 def inject(model: nn.Module, cfg: PTuningV2Config) -> nn.Module:
     # Sec. 3.3: no reparameterisation encoder; the task head is trained as well (registry.unfreeze_head).
-    return install_prefix(model, PrefixEncoder(model, cfg.num_virtual_tokens, None), "deep_prompt")
+    return install_prefix(model, PrefixEncoder(model, cfg.num_virtual_tokens, None), "deep_prompt", "p_tuning_v2")
 
 
 METHOD = Method(

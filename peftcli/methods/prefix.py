@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from ..errors import UserError
+from .signatures import require_cache_in_attention
+
 
 def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of the model's self-attention, from its text config."""
@@ -31,8 +34,10 @@ class PrefixLayer(DynamicLayer):
         super().__init__()
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
+        self.used = False  # set by the attention layer that reads it; checked after every forward
 
     def update(self, key_states, value_states, *args, **kwargs):
+        self.used = True
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
@@ -91,22 +96,24 @@ class _Paused:
             self.on = before
 
 
-def install_prefix(model: nn.Module, source: PrefixSource, attr: str) -> nn.Module:
+def install_prefix(model: nn.Module, source: PrefixSource, attr: str, method: str) -> nn.Module:
     """Register `source` as `model.<attr>` (so its parameters are saved, restored and checkpointed with the model)
     and give every forward and `model.generate` its prefix. Reused by other prefix-based methods."""
+    cache_name = require_cache_in_attention(model, method)
     model.add_module(attr, source)
     paused = _Paused()
     causal = is_causal(model)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def hook(module, args, kwargs):
-        past = kwargs.get("past_key_values")
+        past = cached(kwargs)
         if paused.on or (past is not None and past.get_seq_length() > 0):
             return None  # a continuation step: the prefix is already in the cache
         kwargs, main = main_input(args, kwargs)
         batch, length = main.shape[:2]
         pairs = [(k.to(module.dtype), v.to(module.dtype)) for k, v in source.states(batch)]
-        kwargs["past_key_values"] = prefix_cache(pairs, growing=False)
+        kwargs.pop("past_key_values", None)
+        kwargs[cache_name] = prefix_cache(pairs, growing=False)
         kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), batch, length, source.num_tokens,
                                                main.device)
         if not causal and takes_positions and kwargs.get("position_ids") is None:
@@ -114,11 +121,28 @@ def install_prefix(model: nn.Module, source: PrefixSource, attr: str) -> nn.Modu
             kwargs["position_ids"] = torch.arange(length, device=main.device).unsqueeze(0).expand(batch, -1)
         return (), kwargs
 
+    def check_used(module, args, kwargs, output):
+        cache = kwargs.get(cache_name)
+        unused = [i for i, layer in enumerate(getattr(cache, "layers", ())) if isinstance(layer, PrefixLayer)
+                  and not layer.used]
+        if unused:
+            raise UserError(f"method.name: {method}'s prefix never reached the attention of layers {unused} of "
+                            f"{type(module).__name__}; this transformers version passes the cache differently: "
+                            f"install the tested versions (pip install -c constraints.txt -e .)")
+        return output
+
     model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.register_forward_hook(check_used, with_kwargs=True)
     allow_checkpointing_with_prefix(model)
     if causal and hasattr(model, "generate"):
-        model.generate = _prefix_generate(model, source, paused)
+        model.generate = _prefix_generate(model, source, paused, cache_name)
     return model
+
+
+def cached(kwargs: dict):
+    """The cache a forward was given, under either of its names."""
+    past = kwargs.get("cache")
+    return past if past is not None else kwargs.get("past_key_values")
 
 
 def extend_mask(mask, batch: int, length: int, prefix: int, device) -> torch.Tensor:
@@ -138,7 +162,7 @@ def allow_checkpointing_with_prefix(model: nn.Module) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def _prefix_generate(model: nn.Module, source: PrefixSource, paused: _Paused):
+def _prefix_generate(model: nn.Module, source: PrefixSource, paused: _Paused, cache_name: str):
     """`model.generate` with the prefix in a pre-filled cache. transformers treats a filled cache as covering the
     first tokens of input_ids, so P placeholder ids stand for the prefix and are cut from the result."""
     base_generate = type(model).generate
@@ -148,7 +172,7 @@ def _prefix_generate(model: nn.Module, source: PrefixSource, paused: _Paused):
         tokens = source.num_tokens
         with torch.no_grad():
             pairs = [(k.to(model.dtype), v.to(model.dtype)) for k, v in source.states(batch)]
-        kwargs["past_key_values"] = prefix_cache(pairs, growing=True)
+        kwargs[cache_name] = prefix_cache(pairs, growing=True)
         ids = torch.cat([input_ids.new_zeros(batch, tokens), input_ids], dim=1)
         mask = extend_mask(attention_mask, batch, length, tokens, input_ids.device)
         with paused():

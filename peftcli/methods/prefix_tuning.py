@@ -55,7 +55,7 @@ class PrefixEncoder(PrefixSource):
 
 def inject(model: nn.Module, cfg: PrefixTuningConfig) -> nn.Module:
     hidden = cfg.encoder_hidden_size if cfg.reparameterize else None
-    return install_prefix(model, PrefixEncoder(model, cfg.num_virtual_tokens, hidden), "prefix_encoder")
+    return install_prefix(model, PrefixEncoder(model, cfg.num_virtual_tokens, hidden), "prefix_encoder", "prefix_tuning")
 
 
 def plain_prefixes(attr: str):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .prefix import _Paused, allow_checkpointing_with_prefix, is_causal, main_input
+from .prefix import _Paused, allow_checkpointing_with_prefix, cached, is_causal, main_input
 
 IGNORE = -100
 # Lester et al. 2021, Sec. 3.2: vocabulary init samples from the 5,000 most common tokens; BPE/WordPiece vocabularies
@@ -112,7 +112,7 @@ def install_prompts(model: nn.Module, source: PromptSource, attr: str) -> nn.Mod
 
     def hook(module, args, kwargs):
         kept.clear()
-        past = kwargs.get("past_key_values")
+        past = cached(kwargs)
         if paused.on or (past is not None and past.get_seq_length() > 0):
             return None  # our generate already spliced them in, or a cached continuation step
         kwargs, _ = main_input(args, kwargs)

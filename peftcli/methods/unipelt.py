@@ -15,6 +15,7 @@ from .lora import DEFAULT_TARGETS
 from .prefix import PrefixLayer, install_prefix
 from .prefix_tuning import PrefixEncoder, plain_prefixes
 from .registry import Method, match_targets, replace_module, target_error
+from .signatures import cache_argument, require_hidden_states_first
 
 
 @dataclasses.dataclass
@@ -69,14 +70,18 @@ class PrefixGate(nn.Module):
     """Scales one layer's prefix keys and values by a gate read from the layer's first token (the [CLS] or BOS
     token every position can see, so decoders stay causal)."""
 
-    def __init__(self, dim: int, layer: int, tokens: int, device):
+    def __init__(self, dim: int, layer: int, tokens: int, cache_name: str, device):
         super().__init__()
-        self.gate, self.layer, self.tokens = gate(dim, device), layer, tokens
+        self.gate, self.layer, self.tokens, self.cache_name = gate(dim, device), layer, tokens, cache_name
 
     def __call__(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.cache_name)
         if cache is None or self.layer >= len(cache.layers):
-            return
+            # The prefix hook always hands the attention a cache with one entry per layer: without it the
+            # gated prefix would silently do nothing.
+            raise UserError(f"method.name: unipelt's prefix gate of layer {self.layer} found no key/value cache "
+                            f"in {type(module).__name__}'s `{self.cache_name}` argument; install the tested "
+                            f"versions (pip install -c constraints.txt -e .)")
         entry, x = cache.layers[self.layer], (args[0] if args else kwargs["hidden_states"])
         g = torch.sigmoid(self.gate(x[:, 0].float())).view(-1, 1, 1, 1)
         if isinstance(entry, PrefixLayer):  # training/scoring: the prefix is re-gated at every forward
@@ -93,14 +98,15 @@ def inject(model: nn.Module, cfg: UniPeltConfig) -> nn.Module:
         raise UserError(f"method.lora_{target_error(model, cfg.lora_targets)}")
     for name in names:
         replace_module(model, name, GatedLoraLinear(model.get_submodule(name), cfg.lora_r, cfg.lora_alpha / cfg.lora_r))
-    install_prefix(model, PrefixEncoder(model, cfg.prefix_length, cfg.prefix_hidden_size), "prefix_encoder")
+    install_prefix(model, PrefixEncoder(model, cfg.prefix_length, cfg.prefix_hidden_size), "prefix_encoder", "unipelt")
     drop = bn.DropState()
     for site in bn.find_sites(model):
         dim, device = bn.hidden_size(model, site), model.get_submodule(site.ffn_out).weight.device
         bn.attach(model, site, "ffn", GatedAdapter(dim, cfg.bottleneck_size, cfg.nonlinearity, device),
                   parallel=False, scale=1.0, drop=drop)
-        prefix_gate = PrefixGate(dim, site.layer, cfg.prefix_length, device)
         attention = model.get_submodule(site.attn_in)
+        require_hidden_states_first(attention, "unipelt")
+        prefix_gate = PrefixGate(dim, site.layer, cfg.prefix_length, cache_argument(attention, "unipelt"), device)
         attention.add_module("prefix_gate", prefix_gate)
         attention.register_forward_pre_hook(prefix_gate, with_kwargs=True)
     return model

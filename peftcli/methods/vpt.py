@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..schema import field, positive
 from .prefix_tuning import MERGE_HINT
 from .registry import Method
+from .signatures import require_hidden_states_first
 
 
 @dataclasses.dataclass
@@ -61,6 +62,7 @@ def inject(model: nn.Module, cfg: VptConfig) -> nn.Module:
     if cfg.variant == "deep":
         for index, layer in enumerate(layers):
             if index > 0:
+                require_hidden_states_first(layer, "vpt (deep)")
                 layer.register_forward_pre_hook(_replace_hook(prompts, index), with_kwargs=True)
     return model
 
