@@ -196,16 +196,20 @@ def glora_search(
     generations: Annotated[int, typer.Option(min=1, help="generations of evolution")] = 5,
     mutation: Annotated[float, typer.Option(min=0.0, max=1.0, help="per-component mutation probability")] = 0.1,
     max_params: Annotated[Optional[int], typer.Option(min=1, help="parameter budget of the chosen paths")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="score on the first N eval rows")] = None,
+    search_rows: Annotated[int, typer.Option(min=1, help="score on N rows of the search split (sampled by --seed)")
+                           ] = 1000,
+    search_data: Annotated[Optional[str], typer.Option(
+        help="search split file or glob; default: the train rows past the supernet's data.limit.train")] = None,
     seed: Annotated[int, typer.Option(help="search random seed")] = 0,
 ):
-    """Evolutionary search of per-layer GLoRA paths on a supernet run; writes a recipe to fine-tune them."""
+    """Evolutionary search of per-layer GLoRA paths and ranks on a supernet run, scored on a search split disjoint
+    from data.eval; writes a recipe to fine-tune them."""
     from .glora_search import SearchOptions, search
 
-    result = search(run_dir, out, output_dir, SearchOptions(population, generations, mutation, max_params, limit,
-                                                            seed))
-    typer.echo(f"best {result['metric']} {result['score']:.4f} ({result['params']} params); "
-               f"recipe written to {result['recipe']}")
+    result = search(run_dir, out, output_dir, SearchOptions(population, generations, mutation, max_params,
+                                                            search_rows, search_data, seed))
+    typer.echo(f"best {result['metric']} {result['score']:.4f} on the search split ({result['search_split']}); "
+               f"{result['params']} params; recipe written to {result['recipe']}")
 
 
 @app.command()

@@ -1,5 +1,5 @@
-"""`peft glora-search`: evolutionary search over per-layer GLoRA paths of a trained supernet (Chang et al. 2023,
-Sec. 3.3), scored on the run's eval data; writes the best configuration as a recipe for `peft train`."""
+"""`peft glora-search`: evolutionary search over per-layer GLoRA paths and ranks of a trained supernet (Chang et al.
+2023, Sec. 3.3), scored on a search split disjoint from the eval split; writes the best as a recipe for `peft train`."""
 from __future__ import annotations
 
 import copy
@@ -14,13 +14,14 @@ from . import runs
 from .commands import Plan, build_trainer, final_metrics
 from .data import load_rows, load_splits
 from .errors import UserError
-from .methods.glora import GloraLinear, glora_modules, set_paths
+from .methods.glora import GloraLinear, component_shape, glora_modules, path_rank, set_paths
 from .metrics import DEFAULT_METRICS
 from .recipe import dump_recipe
 from .tasks import Prepared, prepare
 
 logger = logging.getLogger("peftcli")
 Config = dict[str, dict[str, str]]  # layer -> component -> path
+DEFAULT_SEARCH_ROWS = 1000  # enough to rank candidates on GLUE-sized data; each candidate is one pass over them
 
 
 @dataclasses.dataclass
@@ -29,17 +30,17 @@ class SearchOptions:
     generations: int = 5
     mutation: float = 0.1  # per-component resampling probability of a child
     max_params: int | None = None  # parameter budget of the chosen paths (the paper's constraint)
-    limit: int | None = None  # eval rows used for scoring
+    search_rows: int = DEFAULT_SEARCH_ROWS  # rows of the search split that score candidates (a seeded sample)
+    search_data: str | None = None  # a separate search split (file or glob); default: held-out train rows
     seed: int = 0
 
 
 def path_params(module: GloraLinear, path: dict[str, str]) -> int:
-    from .methods.glora import _shape
-
     total = 0
     for part, choice in path.items():
-        rows, cols = _shape(part, module.out_features, module.in_features)
-        total += {"lora": module.r * (rows + cols), "vector": rows, "scalar": 1, "none": 0}[choice]
+        rows, cols = component_shape(part, module.out_features, module.in_features)
+        rank = path_rank(choice, module.r)
+        total += rank * (rows + cols) if rank else {"vector": rows, "scalar": 1, "none": 0}[choice]
     return total
 
 
@@ -89,16 +90,64 @@ def _sample(make, fits, tries: int = 1000) -> Config:
     raise UserError("--max-params: no path configuration fits this budget; raise it")
 
 
+def unused_train_rows(section, data_seed: int) -> list[dict]:
+    """Train rows that neither the supernet nor a recipe with its data section trains on: those past
+    data.limit.train (load_splits keeps a prefix, after any eval_fraction carve-out). Never reads data.eval."""
+    if "train" not in section.limit:
+        return []
+    carve = None if section.eval else section.eval_fraction  # a separate eval file means no carve-out
+    train_only = dataclasses.replace(section, eval=None, eval_fraction=carve, limit={})
+    return load_splits(train_only, data_seed)[0][section.limit["train"]:]
+
+
+def search_split(section, data_seed: int, options: SearchOptions) -> tuple[list[dict], str]:
+    """The rows that score candidates, a seeded sample of --search-rows of them, and a line naming their source.
+    The eval split is what results are reported on, so it never takes part in choosing paths."""
+    if options.search_data:
+        rows, source = _search_file(options.search_data, section), f"--search-data {options.search_data}"
+    else:
+        rows = unused_train_rows(section, data_seed)
+        if not rows:
+            raise UserError("data.limit.train: the supernet trained on every train row, so none is left to search "
+                            "on; set data.limit.train below the train size in the supernet recipe (rows past it "
+                            "become the search split) or pass --search-data FILE")
+        limit = section.limit["train"]
+        source = (f"train rows past data.limit.train ({limit}), which training never reads (keep data.limit.train "
+                  f"at {limit} in the fine-tune recipe)")
+    rows = rows[:]
+    random.Random(options.seed).shuffle(rows)
+    rows = rows[:options.search_rows]
+    return rows, f"{len(rows)} {source}"
+
+
+def _search_file(spec: str, section) -> list[dict]:
+    if spec.startswith("hub:") or Path(spec).expanduser().is_dir():
+        raise UserError(f"--search-data: {spec} is a hub id or folder, whose split would be guessed; name the "
+                        f"search split's file (or a glob)")
+    if section.eval and not section.eval.startswith("hub:") and \
+            Path(spec).expanduser().resolve() == Path(section.eval).expanduser().resolve():
+        raise UserError(f"--search-data: {spec} is the supernet's data.eval, the split results are reported on; "
+                        f"pass a split disjoint from it")
+    try:
+        return load_rows(spec, section, "eval")
+    except UserError as exc:  # load_rows names the recipe key; this split comes from the command line
+        raise UserError(str(exc).replace("data.eval", "--search-data", 1)) from None
+
+
 def search(run_dir: str, out: str, output_dir: str | None, options: SearchOptions) -> dict:
     recipe, record, model, tokenizer = runs.load_trained(run_dir)
     if record["method"] != "glora":
         raise UserError(f"{run_dir}: a '{record['method']}' run; glora-search needs a GLoRA supernet run")
+    if recipe.data.train is None:
+        raise UserError(f"{run_dir}: a multi-task run; glora-search needs a single-task supernet run")
     modules = glora_modules(model)
+    rows, split = search_split(recipe.data, recipe.train.get("seed", 42), options)
+    logger.info("glora search: scoring candidates on %s", split)
     with tempfile.TemporaryDirectory(prefix="glora-search-") as scratch:
-        trainer, the_plan = _scorer(recipe, record, model, tokenizer, options.limit, Path(scratch))
+        trainer, the_plan = _scorer(recipe, record, model, tokenizer, rows, Path(scratch))
         best, best_score, history, key, sign = _run(model, trainer, the_plan, modules, options)
-    target = write_recipe(recipe, run_dir, best, out, output_dir)
-    result = {"recipe": str(target), "metric": key, "score": sign * best_score,
+    target = write_recipe(recipe, run_dir, best, out, output_dir, split)
+    result = {"recipe": str(target), "metric": key, "score": sign * best_score, "search_split": split,
               "params": config_params(modules, best), "history": history, "paths": best}
     runs.atomic_write(target.with_suffix(".search.json"), json.dumps(result, indent=2))
     return result
@@ -115,15 +164,8 @@ def _run(model, trainer, the_plan: Plan, modules, options: SearchOptions):
     return (*evolve(modules, score, options), key, sign)
 
 
-def _scorer(recipe, record, model, tokenizer, limit, scratch: Path):
+def _scorer(recipe, record, model, tokenizer, rows: list[dict], scratch: Path):
     section = recipe.data
-    if section.eval:
-        rows = load_rows(section.eval, section, "eval")
-    elif section.eval_fraction:
-        rows = load_splits(section, recipe.train.get("seed", 42))[1]
-    else:
-        raise UserError("the supernet's recipe has no eval data to score candidates on; set data.eval")
-    rows = rows[:limit] if limit else rows
     prepared = prepare(recipe.model.task, tokenizer, section, recipe.model, rows, None, labels=record.get("labels"))
     num_labels = record.get("num_labels")
     metrics = recipe.eval.metrics or DEFAULT_METRICS["regression" if num_labels == 1 else recipe.model.task]
@@ -132,15 +174,17 @@ def _scorer(recipe, record, model, tokenizer, limit, scratch: Path):
     return build_trainer(the_plan, model, scratch, record), the_plan
 
 
-def write_recipe(recipe, run_dir: str, best: Config, out: str, output_dir: str | None) -> Path:
+def write_recipe(recipe, run_dir: str, best: Config, out: str, output_dir: str | None, split: str) -> Path:
     raw = copy.deepcopy(recipe.raw)
-    method = {k: v for k, v in raw["method"].items() if k not in ("supernet", "paths", "default_path")}
+    dropped = ("supernet", "paths", "default_path", "ranks")  # the chosen paths name their ranks (lora<k>)
+    method = {k: v for k, v in raw["method"].items() if k not in dropped}
     method.update({"supernet": False, "paths": best,
                    "init_from": str((Path(run_dir) / runs.TENSORS).resolve())})
     raw["method"] = method
     raw.setdefault("train", {})["output_dir"] = output_dir or str(Path(run_dir).resolve()) + "-searched"
     target = Path(out)
-    header = (f"# GLoRA paths chosen by `peft glora-search {run_dir}` on the supernet's eval data; fine-tunes the\n"
-              f"# chosen subnet from the supernet's weights. Run: peft train {target}\n")
+    header = (f"# GLoRA paths and ranks chosen by `peft glora-search {run_dir}`, scored on a search split disjoint\n"
+              f"# from data.eval: {split}.\n"
+              f"# Fine-tunes the chosen subnet from the supernet's weights. Run: peft train {target}\n")
     runs.atomic_write(target, header + dump_recipe(raw))
     return target
