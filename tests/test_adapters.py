@@ -1,7 +1,11 @@
 """Behaviour of the additive methods beyond the lifecycle contract: counts, AdapterDrop, Fusion, AdaMix, LST."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -10,7 +14,9 @@ from peftcli import runs
 from peftcli.methods import adamix, adapter, adapter_fusion, lst
 from peftcli.methods import bottleneck as bn
 from peftcli.models import auto_class
+from runhelp import run_cli
 from test_lifecycle import outputs, perturb, sample_inputs
+from tiny import REVIEWS
 
 TASK = "sequence-classification"
 
@@ -83,6 +89,27 @@ def test_fusion_keeps_source_adapters_frozen(tiny_bert, tmp_path):
         optimizer.step()
     for key, value in adapter_fusion.source_state(model).items():
         torch.testing.assert_close(value, frozen[key], rtol=0, atol=0)
+
+
+def test_fusion_run_evaluates_after_its_sources_are_deleted(tiny_bert, tmp_path):
+    sources = [write_adapter_run(tiny_bert, TASK, tmp_path / f"s{i}", seed=i) for i in range(2)]
+    out = tmp_path / "fusion"
+    recipe = {"model": {"name_or_path": str(tiny_bert)},
+              "data": {"train": str(REVIEWS / "train.jsonl"), "eval": str(REVIEWS / "validation.jsonl"),
+                       "limit": {"train": 16, "eval": 16}, "max_length": 32},
+              "method": {"name": "adapter_fusion", "sources": [str(s) for s in sources]},
+              "train": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 8,
+                        "learning_rate": 1e-2, "use_cpu": True, "seed": 1}}
+    (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    assert (result := run_cli("train", str(tmp_path / "fusion.yaml"))).exit_code == 0, result.output
+    assert (result := run_cli("eval", str(out), "--json")).exit_code == 0, result.output
+    before = json.loads(result.stdout.strip().splitlines()[-1])
+
+    for source in sources:
+        shutil.rmtree(source)
+    result = run_cli("eval", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == before
 
 
 def test_adamix_inference_equals_the_averaged_adapter(tiny_bert):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,7 +16,11 @@ from . import bottleneck as bn
 from .adapter import UNMERGEABLE, resolved
 from .registry import Method
 
+logger = logging.getLogger("peftcli")
 SOURCE_METHODS = ("adapter", "adapter_drop")
+# The sources' placement and shapes, saved with the run as JSON bytes (a uint8 tensor) beside the frozen source
+# tensors, so the run rebuilds after its source runs are moved or deleted.
+SPEC_KEY = "adapter_fusion.spec"
 # Pfeiffer et al. 2021, Sec. 3.2: Value starts as the identity (plus small noise) so fusion first averages the
 # adapters' outputs; Query and Key start random.
 VALUE_NOISE = 1e-6
@@ -57,11 +63,12 @@ class Fusion(nn.Module):
         return (weights * self.value(z)).sum(dim=-2) - h
 
 
-def read_sources(cfg: AdapterFusionConfig, dim: int):
-    """(bottleneck sizes, nonlinearities, shared placement, source tensor files) of the listed runs."""
+def read_sources(cfg: AdapterFusionConfig, dim: int) -> tuple[dict, list[Path]]:
+    """The spec (shared placement; each source's bottleneck size and nonlinearity) and the tensor files of the
+    listed runs."""
     from ..runs import TENSORS, read_run
 
-    sizes, acts, placements, files = [], [], set(), []
+    adapters, placements, files = [], set(), []
     for source in cfg.sources:
         try:
             recipe, record = read_run(source)
@@ -74,29 +81,44 @@ def read_sources(cfg: AdapterFusionConfig, dim: int):
         if norms:
             raise UserError(f"method.sources: {source} trained block norms (houlsby); fuse adapters trained with "
                             f"variant: pfeiffer or train_norms: false, whose base norms they share")
-        sizes.append(size)
-        acts.append(recipe.method.nonlinearity)
+        adapters.append({"bottleneck_size": size, "nonlinearity": recipe.method.nonlinearity})
         placements.add(tuple(placement))
         files.append(Path(source) / TENSORS)
     if len(placements) > 1:
         raise UserError(f"method.sources: the runs place adapters differently ({sorted(placements)}); fuse runs "
                         f"with the same placement")
-    return sizes, acts, list(placements.pop()), files
+    return {"placement": list(placements.pop()), "adapters": adapters}, files
 
 
 def inject(model: nn.Module, cfg: AdapterFusionConfig) -> nn.Module:
     sites = bn.find_sites(model)
-    dim = bn.hidden_size(model, sites[0])
-    sizes, acts, placement, files = read_sources(cfg, dim)
     device = model.get_submodule(sites[0].ffn_out).weight.device
-    drop = bn.DropState()
-    for site in sites:
-        for where in placement:
-            sources = [bn.Bottleneck(dim, size, act, device) for size, act in zip(sizes, acts)]
-            bn.attach(model, site, where, Fusion(dim, sources, device), parallel=False, scale=1.0, drop=drop)
+    try:
+        spec, files = read_sources(cfg, bn.hidden_size(model, sites[0]))
+    except UserError as exc:
+        if device.type == "meta":
+            raise  # validating a training plan (no weights): the source runs must be there to train
+        # Reloading a finished run: unpack_state attaches the fusion from the copy saved in the run's tensors.
+        logger.info("%s; using the copy of the source adapters saved with the run", exc)
+        return model
+    attach(model, spec)
     if device.type != "meta":  # validation builds the model without weights: nothing to load
         load_sources(model, files)
     return model
+
+
+def attach(model: nn.Module, spec: dict) -> None:
+    """A Fusion over frozen source adapters of the spec's shapes at every site of its placement."""
+    sites = bn.find_sites(model)
+    dim = bn.hidden_size(model, sites[0])
+    device = model.get_submodule(sites[0].ffn_out).weight.device
+    drop = bn.DropState()
+    for site in sites:
+        for where in spec["placement"]:
+            sources = [bn.Bottleneck(dim, a["bottleneck_size"], a["nonlinearity"], device) for a in spec["adapters"]]
+            fusion = Fusion(dim, sources, device)
+            fusion.spec = spec
+            bn.attach(model, site, where, fusion, parallel=False, scale=1.0, drop=drop)
 
 
 def load_sources(model: nn.Module, files: list[Path]) -> None:
@@ -117,12 +139,43 @@ def load_sources(model: nn.Module, files: list[Path]) -> None:
                         target.copy_(tensors[key])
 
 
+def fusions(model: nn.Module) -> list[Fusion]:
+    return [m for m in model.modules() if isinstance(m, Fusion)]
+
+
 def source_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The frozen source adapters, saved with the run so it reproduces even if a source run is retrained."""
     return {k: v for k, v in model.state_dict().items() if ".adapter.sources." in k}
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen source adapters and their spec, saved with the run: it reloads without the source runs and
+    reproduces even if one is retrained."""
+    spec = json.dumps(fusions(model)[0].spec, sort_keys=True).encode("utf-8")
+    return {**source_state(model), SPEC_KEY: torch.tensor(list(spec), dtype=torch.uint8)}
+
+
+def unpack_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take the saved spec out of the tensors; attach the fusion from it when inject could not read the sources."""
+    tensors = dict(tensors)
+    packed = tensors.pop(SPEC_KEY, None)
+    built = fusions(model)
+    if packed is None:
+        if not built:
+            raise UserError("method.sources: the source runs are unavailable and this run's tensors hold no copy of "
+                            "their spec (saved by older peftcli); restore the source runs to load it")
+        return tensors
+    spec = json.loads(bytes(packed.tolist()).decode("utf-8"))
+    if not built:
+        attach(model, spec)
+    elif json.dumps(built[0].spec, sort_keys=True) != json.dumps(spec, sort_keys=True):
+        raise UserError(f"method.sources: the source runs no longer match the adapters this run fused "
+                        f"({built[0].spec} now, {spec} then); restore them, or move them away so the run loads "
+                        f"its saved copy")
+    return tensors
 
 
 METHOD = Method(
     name="adapter_fusion", summary="learned attention over frozen adapters from earlier runs (two-stage)",
-    config_cls=AdapterFusionConfig, inject=inject, merge=None, merge_hint=UNMERGEABLE, extra_state=source_state,
+    config_cls=AdapterFusionConfig, inject=inject, merge=None, merge_hint=UNMERGEABLE, extra_state=saved_state,
+    unpack_state=unpack_state,
     paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning")
