@@ -11,6 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .consistency import consistency_weight, second_pass
 from .optim.importance import ScaledLambdaLR, scaled_scheduler
 from .optim.importance_callback import ImportanceCallback
 from .optim.lr_groups import build_param_groups, describe_groups
@@ -26,7 +27,8 @@ class PeftTrainer(CheckpointingMixin, Trainer):
 
     - create_optimizer: parameter groups from `optim` rules (see optim/lr_groups.py);
     - compute_loss: adds every module's `peft_aux_loss()` (method regularisers such as orthogonality or L0
-      penalties) during training;
+      penalties) during training, and a second pass's consistency loss where modules ask for one
+      (`peft_consistency_weight`, consistency.py);
     - _save: writes only the trainable tensors (safetensors) and never pickles TrainingArguments;
     - checkpoints (CheckpointingMixin, resilience.py): committed atomically with a manifest, pickle-free.
     """
@@ -34,8 +36,13 @@ class PeftTrainer(CheckpointingMixin, Trainer):
     def __init__(self, *args, optim_rules: OptimSection | None = None, save_trained=None, chunked_loss=False,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # Two-pass consistency (e.g. AdaMix) compares the passes' logits, which the chunked loss never makes.
+        self._consistency = consistency_weight(self.model)
+        self._causal = "CausalLM" in type(self.model).__name__
+        if chunked_loss and self._consistency:
+            logger.info("model.chunked_loss: off, the method's consistency loss needs the logits")
         # model.chunked_loss (speedups.py): the head whose training forward hands hidden states to the loss
-        self._loss_head = self._chunked_loss_head() if chunked_loss else None
+        self._loss_head = self._chunked_loss_head() if chunked_loss and not self._consistency else None
         self.optim_rules = optim_rules or OptimSection()
         self.save_trained = save_trained  # (model, output_dir) -> None, writes the run's tensors + configs
         self._aux_modules = [m for m in self.model.modules() if hasattr(m, "peft_aux_loss")]
@@ -89,17 +96,30 @@ class PeftTrainer(CheckpointingMixin, Trainer):
         from .speedups import hidden_states_to_loss
 
         chunked = self._loss_head if model.training and not return_outputs and "labels" in inputs else None
-        with hidden_states_to_loss(chunked):
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+        two_pass = bool(self._consistency) and model.training and "labels" in inputs
+        with hidden_states_to_loss(chunked):  # a copy of inputs for two passes: label smoothing pops the labels
+            result = super().compute_loss(model, dict(inputs) if two_pass else inputs,
+                                          return_outputs=return_outputs or two_pass,
                                           num_items_in_batch=num_items_in_batch)
-        if not (model.training and self._aux_modules):
+        if not (model.training and (self._aux_modules or two_pass)):
             return result
-        loss, outputs = result if return_outputs else (result, None)
+        loss, outputs = result if return_outputs or two_pass else (result, None)
+        if two_pass:
+            loss = loss + self._consistency * self._second_pass(model, inputs, outputs, num_items_in_batch)
         for module in self._aux_modules:
             aux = module.peft_aux_loss()
             if aux is not None:
                 loss = loss + aux
         return (loss, outputs) if return_outputs else loss
+
+    def _second_pass(self, model, inputs, outputs, num_items_in_batch):
+        """The consistency loss of a second forward pass on the batch against the first pass's logits."""
+        tokens = None
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # the task loss is a token sum over the step's count (Trainer.compute_loss): normalise alike
+            share = self.accelerator.num_processes // self.get_tp_size()
+            tokens = num_items_in_batch / share if self.args.average_tokens_across_devices else num_items_in_batch
+        return second_pass(model, inputs, outputs.logits, self._causal, tokens)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir

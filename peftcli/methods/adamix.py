@@ -14,6 +14,12 @@ from .adapter import UNMERGEABLE
 from .lora import DEFAULT_TARGETS
 from .registry import Method, match_targets, replace_module, target_error
 
+# Sec. 3.2: every training step runs the whole model twice, each pass on its own random routes, and adds the
+# weighted symmetric KL between the two output distributions (MSE for a regression head) to the first pass's
+# task loss. It needs the logits, so causal-LM training computes them (model.chunked_loss is off).
+CONSISTENCY_DOC = ("weight of the consistency loss: symmetric KL between two forward passes on different random "
+                   "routes (Sec. 3.2; doubles the training forward, turns model.chunked_loss off); 0 = off")
+
 
 @dataclasses.dataclass
 class AdaMixConfig:
@@ -21,8 +27,7 @@ class AdaMixConfig:
     num_experts: int = field(4, check=positive, doc="experts per adapter site")
     bottleneck_size: int = field(16, check=positive, doc="bottleneck width of every expert")
     nonlinearity: str = field("relu", check=bn.check_activation, doc="activation between down and up projection")
-    consistency_weight: float = field(1.0, check=non_negative, doc="weight of the two-route consistency loss "
-                                      "(Sec. 3.3); 0 = off")
+    consistency_weight: float = field(1.0, check=non_negative, doc=CONSISTENCY_DOC)
 
 
 @dataclasses.dataclass
@@ -32,35 +37,32 @@ class AdaMixLoraConfig:
     alpha: float = field(16.0, check=positive, doc="scale numerator: update = (alpha / r) · B·A")
     target_modules: list[str] | str = field(factory=lambda: list(DEFAULT_TARGETS),
                                             doc="name suffixes, a regex, or all-linear")
-    consistency_weight: float = field(1.0, check=non_negative, doc="weight of the two-route consistency loss")
+    consistency_weight: float = field(1.0, check=non_negative, doc=CONSISTENCY_DOC)
 
 
 class Experts(nn.Module):
     """Stacked down/up projections of M experts; subclasses define `project(x, down, up)`. Training: each forward routes through one random down and one
-    random up expert (Sec. 3.2); inference: through their averages (Sec. 3.4), so it costs one adapter."""
+    random up expert (Sec. 3.2); inference: through their averages (Sec. 3.4), so it costs one adapter.
+
+    `peft_consistency_weight` asks the trainer for the two-pass consistency loss (consistency.py); each of
+    those passes calls forward, so each draws its own routes."""
 
     def __init__(self, m: int, dim_in: int, size: int, dim_out: int, device, consistency: float):
         super().__init__()
         self.down_weight = nn.Parameter(torch.empty(m, size, dim_in, device=device))
         self.up_weight = nn.Parameter(torch.empty(m, dim_out, size, device=device))
-        self.consistency, self.aux = consistency, None
+        self.peft_consistency_weight = consistency
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            self.aux = None
             return self.project(x, self.down_weight.mean(0), self.up_weight.mean(0))
-        m = self.down_weight.shape[0]
-        i, j, k, n = torch.randint(m, (4,)).tolist()
-        out = self.project(x, self.down_weight[i], self.up_weight[j])
-        if self.consistency:
-            # The paper's consistency term compares two stochastic routes; here it acts on this site's output,
-            # since the aux-loss hook sees one module at a time.
-            other = self.project(x, self.down_weight[k], self.up_weight[n])
-            self.aux = self.consistency * F.mse_loss(out, other)
-        return out
+        down, up = self.route()
+        return self.project(x, self.down_weight[down], self.up_weight[up])
 
-    def peft_aux_loss(self):
-        return self.aux if self.training else None
+    def route(self) -> tuple[int, int]:
+        """The down and up expert of this training forward, drawn independently and uniformly (Sec. 3.2)."""
+        down, up = torch.randint(self.down_weight.shape[0], (2,)).tolist()
+        return down, up
 
 
 class AdapterExperts(Experts):
