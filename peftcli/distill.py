@@ -44,36 +44,56 @@ def distill_loss(student_logits, teacher_logits, task_loss, alpha: float, temper
 
 
 class DistillCallback(TrainerCallback):
-    """Installs a forward hook on the student while training: teacher logits are computed on the same inputs
-    without gradients, and the output's loss becomes the distillation mix (the Trainer then uses it as is)."""
+    """While training, the student's forward also runs the teacher (without gradients) on the batch as the data
+    collator made it, and the output's loss becomes the distillation mix (the Trainer then uses it as is).
+
+    A pre-hook registered ahead of every other one keeps the student's inputs before any method rewrites them
+    (prompt methods splice their virtual tokens into `inputs_embeds`, prefix methods add a key/value cache, both
+    widen the attention mask): the teacher must never see the student's prompts or prefixes."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg):
         self.student, self.teacher, self.cfg = student, teacher, cfg
-        self.handle = None
+        self.handles: list = []
+        self._inputs: tuple[tuple, dict] | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.teacher.to(next(self.student.parameters()).device)
-        self.handle = self.student.register_forward_hook(self._hook, with_kwargs=True)
+        self.on_train_end(args, state, control)
+        self.handles = [self.student.register_forward_pre_hook(self._keep_inputs, with_kwargs=True, prepend=True),
+                        self.student.register_forward_hook(self._hook, with_kwargs=True)]
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self._inputs = [], None
+
+    def _keep_inputs(self, module, args, kwargs):
+        """First of the student's pre-hooks: the inputs as given (a shallow copy: the methods' hooks replace
+        entries, they never modify the tensors in place)."""
+        self._inputs = (tuple(args), dict(kwargs)) if module.training else None
 
     def _hook(self, module, args, kwargs, output):
-        if not module.training or getattr(output, "loss", None) is None:
+        kept, self._inputs = self._inputs, None
+        if kept is None or not module.training or getattr(output, "loss", None) is None:
             return output
-        inputs = {k: v for k, v in kwargs.items() if k != "labels"}
+        args, original = kept
+        inputs = {k: v for k, v in original.items() if k not in ("labels", "num_items_in_batch")}
         with torch.no_grad():
             teacher_logits = self.teacher(*args, **inputs).logits
-        if teacher_logits.shape != output.logits.shape:
+        student_logits = output.logits
+        if teacher_logits.shape != student_logits.shape:
             raise UserError(f"distill.teacher: its logits have shape {tuple(teacher_logits.shape)}, the student's "
-                            f"{tuple(output.logits.shape)}; use a teacher with the same labels / vocabulary")
-        labels, mask = kwargs.get("labels"), None
-        if labels is not None and output.logits.dim() == 3:  # token-level: only positions with a target
+                            f"{tuple(student_logits.shape)}; use a teacher with the same labels / vocabulary"
+                            + (" and tokenizer" if teacher_logits.dim() == 3 else ""))
+        labels, mask = original.get("labels"), None
+        if labels is not None and student_logits.dim() == 3:  # token-level: only positions with a target
+            if labels.shape != student_logits.shape[:2]:
+                raise UserError(f"distill: the student's per-token logits cover {student_logits.shape[1]} "
+                                f"positions, its labels {labels.shape[1]}; this method cannot be distilled "
+                                f"token by token")
             # a causal LM's position i predicts token i + 1
             mask = F.pad(labels[..., 1:] != -100, (0, 1), value=False) if _is_causal(module) else labels != -100
-        output.loss = distill_loss(output.logits, teacher_logits, output.loss, self.cfg.alpha,
+        output.loss = distill_loss(student_logits, teacher_logits, output.loss, self.cfg.alpha,
                                    self.cfg.temperature, mask)
         return output
 
