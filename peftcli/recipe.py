@@ -326,8 +326,8 @@ def build_train(section, where: Where, source: str) -> dict:
 
 # Methods that put virtual tokens or a key/value prefix in front of each row: in a packed row only the first
 # example would see them.
-ROW_PREFIX_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "trigger_tokens", "mam",
-                      "unipelt")
+ROW_PREFIX_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "trigger_tokens",
+                      "soft_trigger_tokens", "mam", "unipelt")
 
 
 def check_packing(model: ModelSection, data: DataSection, method_name: str, where: Where, section) -> None:

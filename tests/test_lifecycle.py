@@ -45,6 +45,15 @@ def perturb(model):
                 p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.05)
 
 
+def perturb_discrete(state):
+    """Reorder integer state (e.g. trigger ids): a reload that ignored the saved state would then differ."""
+    for tensor in state.values():
+        assert not tensor.is_floating_point(), "a method with no trainable tensors keeps discrete state"
+        moved = tensor.roll(1)
+        assert not torch.equal(moved, tensor), "the discrete state is constant, so saving it cannot be checked"
+        tensor.copy_(moved)
+
+
 @pytest.mark.parametrize("name,task", CASES, ids=[f"{n}-{t}" for n, t in CASES])
 def test_method_lifecycle(name, task, tiny_models, tmp_path):
     method = METHODS[name]
@@ -54,9 +63,13 @@ def test_method_lifecycle(name, task, tiny_models, tmp_path):
     model = runs.prepare_model(load_base(folder, task), name, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in trainable if any(h in n.split(".") for h in HEAD_NAMES)}
-    assert trainable - head, f"{name} made nothing trainable besides the head"
+    # A discrete method (trigger_tokens: vocabulary ids found by search) trains only the head by gradient; its
+    # own trained state is integer extra_state, which must then exist and is what gets perturbed.
+    assert trainable - head or method.extra_state, f"{name} made nothing trainable besides the head"
 
     perturb(model)
+    if not trainable - head:
+        perturb_discrete(method.extra_state(model))
     model.train()
     inputs = sample_inputs(task)
     loss = model(**inputs).loss

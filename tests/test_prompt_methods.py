@@ -10,7 +10,7 @@ from peftcli import runs
 from peftcli.methods import METHODS
 from peftcli.methods.prefix import split_states
 
-PROMPT_METHODS = ["prefix_tuning", "prompt_tuning", "trigger_tokens", "p_tuning", "p_tuning_v2"]
+PROMPT_METHODS = ["prefix_tuning", "prompt_tuning", "soft_trigger_tokens", "p_tuning", "p_tuning_v2"]
 TEXT = "write a response"
 
 
@@ -51,9 +51,9 @@ def test_text_prompt_on_llama_equals_the_text_in_the_input(tiny_llama):
     torch.testing.assert_close(masked, reference)
 
 
-@pytest.mark.parametrize("name,position", [("prompt_tuning", 1), ("trigger_tokens", -1)])
+@pytest.mark.parametrize("name,position", [("prompt_tuning", 1), ("soft_trigger_tokens", -1), ("trigger_tokens", -1)])
 def test_text_prompt_on_bert_equals_the_text_in_the_input(tiny_bert, name, position):
-    """After [CLS] (prompt tuning) or before [SEP] (a trigger at -1), with token types and a padded row."""
+    """After [CLS] (prompt tuning) or before [SEP] (triggers at -1), with token types and a padded row."""
     words = word_ids(tiny_bert)
     options = ({"num_virtual_tokens": len(words), "init": "text", "init_text": TEXT} if name == "prompt_tuning"
                else {"num_tokens": len(words), "position": position, "init_text": TEXT})
@@ -90,7 +90,7 @@ def test_prefix_on_llama_equals_the_cache_of_a_real_text(tiny_llama, name):
         torch.testing.assert_close(out[row, :length], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", PROMPT_METHODS)
+@pytest.mark.parametrize("name", PROMPT_METHODS + ["trigger_tokens"])
 def test_bert_rows_do_not_see_padding(tiny_bert, name):
     """A row scored alone equals the same row inside a padded batch."""
     model = injected(bert, tiny_bert, name)
@@ -110,7 +110,7 @@ def greedy_by_hand(model, ids, steps):
     return ids
 
 
-@pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning", "p_tuning", "p_tuning_v2", "trigger_tokens"])
+@pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning", "p_tuning", "p_tuning_v2", "soft_trigger_tokens"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_batched_left_padded_generation(tiny_llama, name, use_cache):
     model = injected(llama, tiny_llama, name)

@@ -23,9 +23,10 @@ _ADDITIVE: list[Method] = [adapter.METHOD, adapter.DROP_METHOD, parallel_adapter
                             adapter_fusion.METHOD, lst.METHOD, mam.METHOD, unipelt.METHOD]
 # -- prompt methods (issue 9) --
 from . import p_tuning, p_tuning_v2, prefix_tuning, prompt_tuning, trigger_tokens, vpt  # noqa: E402
+from . import soft_trigger_tokens  # noqa: E402
 
-_PROMPT: list[Method] = [prefix_tuning.METHOD, prompt_tuning.METHOD, trigger_tokens.METHOD, p_tuning.METHOD,
-                         p_tuning_v2.METHOD, vpt.METHOD]
+_PROMPT: list[Method] = [prefix_tuning.METHOD, prompt_tuning.METHOD, trigger_tokens.METHOD, soft_trigger_tokens.METHOD,
+                         p_tuning.METHOD, p_tuning_v2.METHOD, vpt.METHOD]
 # -- selective / training-time methods (issue 7) --
 from . import child_tuning, sparse  # noqa: E402
 

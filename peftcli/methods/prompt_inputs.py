@@ -1,6 +1,7 @@
 """Virtual tokens spliced into the input embeddings: masks, labels and token types follow; generate works too."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -164,24 +165,63 @@ def init_embeddings(model: nn.Module, count: int, init: str, text: str | None, s
         std = 0.02 if table.is_meta else float(table.detach().float().std())
         return torch.randn(count, table.shape[1], generator=generator).to(table.device) * std
     if init == "vocab":
-        ids = torch.randint(0, min(COMMON_TOKENS, table.shape[0]), (count,), generator=generator)
+        common = usable_token_ids(model)[:COMMON_TOKENS]
+        ids = common[torch.randint(0, len(common), (count,), generator=generator)]
     else:
         ids = text_ids(model, text)
         ids = ids.repeat(-(-count // len(ids)))[:count]
     return table.detach()[ids.to(table.device)].float().clone()
 
 
-def text_ids(model: nn.Module, text: str) -> torch.Tensor:
-    """Token ids of `text` with the model's own tokenizer (found next to its weights)."""
+def usable_token_ids(model: nn.Module, words_only: bool = False) -> torch.Tensor:
+    """Ascending vocabulary ids a prompt may start from (or a discrete trigger may become): rows of the embedding
+    table the tokenizer really uses, never its special tokens nor [unusedN] / <unusedN> placeholders (untrained
+    rows). words_only keeps alphabetic pieces alone. Without a tokenizer, only the config's special ids go."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    try:
+        tokenizer = own_tokenizer(model)
+    except (OSError, ValueError, TypeError):
+        special = {i for key in SPECIAL_ID_KEYS for i in _as_list(getattr(model.config, key, None))}
+        return torch.tensor([i for i in range(rows) if i not in special])
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    keep = [i for token, i in tokenizer.get_vocab().items()
+            if i < rows and i not in special and not UNUSED_TOKEN.fullmatch(token)
+            and (not words_only or WORD_MARKS.sub("", token).isalpha())]
+    return torch.tensor(sorted(keep))
+
+
+# Special-token ids a config may name, for models whose folder holds no tokenizer.
+SPECIAL_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
+                   "unk_token_id", "mask_token_id", "decoder_start_token_id")
+# BERT's [unused0]..[unused993] and Gemma's <unused0>.. are reserved rows that pre-training never trained.
+UNUSED_TOKEN = re.compile(r"\[unused\d+\]|<unused\d+>", re.IGNORECASE)
+# Sub-word markers: WordPiece continuation (##), byte-level BPE space (Ġ), SentencePiece space (▁).
+WORD_MARKS = re.compile(r"^(##|\u0120|\u2581)")
+
+
+def _as_list(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+def own_tokenizer(model: nn.Module):
+    """The model's own tokenizer (found next to its weights); raises OSError / ValueError when there is none."""
     from transformers import AutoTokenizer
 
     folder = Path(model.config._name_or_path)
     ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
     has_own = folder.is_dir() and any(folder.glob("tokenizer*"))
-    try:  # a GGUF-only folder carries its tokenizer inside the .gguf file
-        extra = {"gguf_file": ggufs[0].name} if ggufs and not has_own else {}
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
+    # a GGUF-only folder carries its tokenizer inside the .gguf file
+    extra = {"gguf_file": ggufs[0].name} if ggufs and not has_own else {}
+    return AutoTokenizer.from_pretrained(str(folder), **extra)
+
+
+def text_ids(model: nn.Module, text: str) -> torch.Tensor:
+    """Token ids of `text` with the model's own tokenizer."""
+    try:
+        tokenizer = own_tokenizer(model)
     except (OSError, ValueError) as exc:
+        folder = model.config._name_or_path
         raise UserError(f"method.init_text: cannot load the tokenizer of {folder} to encode it ({exc}); use "
                         f"init: vocab") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
