@@ -155,3 +155,13 @@ def test_backbone_runs_without_autograd(kind, request):
     with pytest.raises(Exception):
         model(input_ids=torch.full((1, 4), 10_000))  # out of vocabulary: fails inside the backbone
     assert torch.is_grad_enabled(), "an error inside the backbone left autograd off"
+
+
+def test_meta_device_model_gets_the_same_side_network(tiny_bert):
+    """`peft train` counts parameters on a meta-device skeleton first: pruning must work without values."""
+    config = auto_class(TASKS["bert"]).from_pretrained(tiny_bert).config
+    with torch.device("meta"):
+        skeleton = runs.prepare_model(auto_class(TASKS["bert"]).from_config(config), "lst", lst.LstConfig())
+    real = load(tiny_bert, "bert")
+    assert {n: p.shape for n, p in skeleton.named_parameters() if p.requires_grad} == \
+        {n: p.shape for n, p in real.named_parameters() if p.requires_grad}

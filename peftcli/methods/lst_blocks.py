@@ -82,7 +82,10 @@ def importance(weight: torch.Tensor) -> torch.Tensor:
 
 
 def top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` largest scores, in their original order."""
+    """Indices of the `count` largest scores, in their original order. A meta-device model (parameter counting
+    before loading) has no values to rank, only shapes: any `count` indices do."""
+    if scores.is_meta:
+        return torch.arange(count, device="cpu")
     return scores.topk(count).indices.sort().values
 
 
