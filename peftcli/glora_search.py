@@ -111,9 +111,7 @@ def search_split(section, data_seed: int, options: SearchOptions) -> tuple[list[
             raise UserError("data.limit.train: the supernet trained on every train row, so none is left to search "
                             "on; set data.limit.train below the train size in the supernet recipe (rows past it "
                             "become the search split) or pass --search-data FILE")
-        limit = section.limit["train"]
-        source = (f"train rows past data.limit.train ({limit}), which training never reads (keep data.limit.train "
-                  f"at {limit} in the fine-tune recipe)")
+        source = f"train rows past data.limit.train ({section.limit['train']})"
     rows = rows[:]
     random.Random(options.seed).shuffle(rows)
     rows = rows[:options.search_rows]
@@ -146,7 +144,8 @@ def search(run_dir: str, out: str, output_dir: str | None, options: SearchOption
     with tempfile.TemporaryDirectory(prefix="glora-search-") as scratch:
         trainer, the_plan = _scorer(recipe, record, model, tokenizer, rows, Path(scratch))
         best, best_score, history, key, sign = _run(model, trainer, the_plan, modules, options)
-    target = write_recipe(recipe, run_dir, best, out, output_dir, split)
+    keep = "" if options.search_data else "; training never reads them: keep data.limit.train as it is"
+    target = write_recipe(recipe, run_dir, best, out, output_dir, split + keep)
     result = {"recipe": str(target), "metric": key, "score": sign * best_score, "search_split": split,
               "params": config_params(modules, best), "history": history, "paths": best}
     runs.atomic_write(target.with_suffix(".search.json"), json.dumps(result, indent=2))
@@ -184,7 +183,7 @@ def write_recipe(recipe, run_dir: str, best: Config, out: str, output_dir: str |
     raw.setdefault("train", {})["output_dir"] = output_dir or str(Path(run_dir).resolve()) + "-searched"
     target = Path(out)
     header = (f"# GLoRA paths and ranks chosen by `peft glora-search {run_dir}`, scored on a search split disjoint\n"
-              f"# from data.eval: {split}.\n"
+              f"# from data.eval, {split}.\n"
               f"# Fine-tunes the chosen subnet from the supernet's weights. Run: peft train {target}\n")
     runs.atomic_write(target, header + dump_recipe(raw))
     return target
