@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..schema import field, positive
 from . import bottleneck as bn
 from . import lst_blocks as blocks
@@ -117,8 +118,6 @@ def kept_hidden_dims(model: nn.Module, sites: list[bn.Site], width: int) -> torc
 
 
 def check_rotary_signature(block: nn.Module) -> None:
-    from ..errors import UserError
-
     if "position_embeddings" not in inspect.signature(block.forward).parameters:
         raise UserError(f"method.name: lst reads the rotary (cos, sin) that {type(block).__name__} receives as "
                         "`position_embeddings`, but its forward takes no such argument; this transformers "
