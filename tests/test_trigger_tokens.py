@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
     BertForSequenceClassification
 
 from peftcli import runs
-from peftcli.methods import METHODS
+from peftcli.methods import METHODS, trigger_tokens
 from peftcli.methods.prompt_inputs import init_embeddings
 from peftcli.methods.trigger_tokens import TriggerTokensConfig, candidate_tokens, mean_loss, search_step
 from peftcli.models import resolve_model_path
@@ -112,15 +112,23 @@ def test_search_lowers_the_loss_with_vocabulary_tokens(tiny_bert):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_training_searches_and_the_run_restores_the_found_tokens(tiny_bert, tmp_path):
-    """Through the PeftTrainer: the callback searches on the training batches, the base stays frozen, the head
-    trains, and a fresh inject + the saved tensors gives the same ids and outputs."""
-    cfg = TriggerTokensConfig(num_tokens=3, search_every=2, num_candidates=4)
+def test_training_searches_and_the_run_restores_the_found_tokens(tiny_bert, tmp_path, monkeypatch):
+    """Through the PeftTrainer: the callback searches on the training batches until search_until, the base stays
+    frozen, the head trains, and a fresh inject + the saved tensors gives the same ids and outputs."""
+    searched, original = [], trigger_tokens.search_step
+
+    def recorded(model, source, batches, k):
+        searched.append(len(batches))
+        return original(model, source, batches, k)
+
+    monkeypatch.setattr(trigger_tokens, "search_step", recorded)
+    cfg = TriggerTokensConfig(num_tokens=3, search_every=1, num_candidates=4, search_batches=2, search_until=0.5)
     trainer = make_trainer(tiny_bert, tmp_path / "train", "trigger_tokens", cfg, max_steps=4)
     model = trainer.model
     start = model.trigger_tokens.trigger_ids.clone()
     head = model.classifier.weight.detach().clone()
     trainer.train()
+    assert searched == [1, 2], "steps 1 and 2 search (on the batches seen so far, at most 2); 3 and 4 do not"
     found = model.trigger_tokens.trigger_ids.clone()
     assert not torch.equal(found, start), "no search replaced a trigger"
     assert not torch.equal(model.classifier.weight, head), "the head did not train"

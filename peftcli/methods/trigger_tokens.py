@@ -11,7 +11,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..errors import UserError
-from ..schema import field, positive
+from ..schema import field, fraction, positive
 from .prompt_inputs import COMMON_TOKENS, PromptSource, install_prompts, text_ids, usable_token_ids
 from .registry import Method
 from .soft_trigger_tokens import POSITION_DOC
@@ -37,8 +37,10 @@ class TriggerTokensConfig:
                                                         "top-k of the first-order estimate of the loss change")
     search_every: int = field(5, check=positive, doc="optimizer steps between searches (the head trains at every "
                                                      "step)")
-    search_batches: int = field(1, check=positive, doc="latest training batches a search averages the gradient and "
-                                                       "the candidates' loss over")
+    search_batches: int = field(4, check=positive, doc="latest training batches a search averages the gradient and "
+                                                       "the candidates' loss over (one batch overfits the swap)")
+    search_until: float = field(0.8, check=fraction, doc="fraction of the training steps after which the triggers "
+                                                         "stay fixed, so that the head fits the final ones")
 
 
 class DiscreteTriggers(PromptSource):
@@ -145,7 +147,8 @@ class TriggerSearchCallback(TrainerCallback):
         self.batches.clear()
 
     def on_step_end(self, args, state, control, processing_class=None, **kwargs):
-        if state.global_step % self.cfg.search_every or not self.batches:
+        late = state.global_step > self.cfg.search_until * state.max_steps
+        if state.global_step % self.cfg.search_every or late or not self.batches:
             return
         before, after = search_step(self.model, self.source, list(self.batches), self.cfg.num_candidates)
         agree_across_ranks(self.source.trigger_ids)
