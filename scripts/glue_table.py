@@ -11,6 +11,14 @@ Runs that need earlier runs get them from the same task and seed: AdapterFusion'
 distillation's `distill.teacher` name `runs/sst2-<name>` in their recipes, which becomes that job's run directory;
 such jobs start once their sources have finished.
 
+GLoRA runs as its paper does under the method key `glora-searched` (one job per task and seed, from
+recipes/glue/sst2-glora.yaml): the supernet trains into runs/glue/glora-supernet/<task>/seed<k>/, `peft glora-search`
+scores its per-layer paths and ranks on train rows the supernet never saw (those past data.limit.train;
+--glora-search-rows of them) and writes sst2-glora-searched.yaml beside it, and the chosen subnet is fine-tuned from
+the supernet's weights into runs/glue/<task>/glora-searched/seed<k>/ (the table's row sst2-glora-searched). SST-2's
+hold-out is the train file past --train-rows; MRPC and RTE (and SST-2 without --train-rows) train both steps on all
+but the last 500 train rows, which the search scores on (notes.json says so). The `glora` row stays the supernet alone.
+
   python scripts/glue_table.py --model .gpu-bundle/minilm-fp16 --data .gpu-bundle/data \\
       --tasks SST-2,MRPC,RTE --seeds 1,2,3 --workers 14 --out runs/glue --budget-minutes 8 --sweep-scales 1,3,6
 
@@ -22,6 +30,7 @@ Markdown of docs/RESULTS.md from run directories of one or several invocations.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -42,6 +51,9 @@ TASKS = {
     "RTE": {"text": "sentence1", "text_pair": "sentence2", "label": "label", "metrics": ["accuracy"]},
 }
 SOURCE_RUN = re.compile(r"^runs/(sst2[-_][\w-]+)$")  # how a recipe names another recipe's run
+GLORA_SEARCHED = "glora-searched"  # method key of GLoRA's supernet -> search -> fine-tune job
+SUPERNETS = "glora-supernet"  # folder under the run root of those jobs' supernets: not rows of the table
+SEARCH_HOLDOUT = 500  # train rows kept for the search where the task's train split would otherwise be used whole
 
 
 def recipes() -> dict[str, Path]:
@@ -72,9 +84,21 @@ def task_overrides(task: str, data: Path, model: str | None, seed: int, rows: in
     return sets
 
 
+@functools.lru_cache(maxsize=None)  # once per task, not per seed
+def train_size(recipe: Path, task: str, data: str) -> int:
+    """Rows of the task's train file as `peft train` reads them, before any data.limit."""
+    from peftcli.data import load_splits
+    from peftcli.recipe import load_recipe
+
+    loaded = load_recipe(recipe, task_overrides(task, Path(data), None, 0, None))
+    return len(load_splits(loaded.data, 0)[0])
+
+
 def make_job(args, name: str, recipe: Path, task: str, seed: int, scale: float, root: Path) -> dict:
     raw = recipe_yaml(recipe)
     rows = args.train_rows if task == "SST-2" else None
+    if name == GLORA_SEARCHED and rows is None:  # the search needs train rows that no training step reads
+        rows = train_size(recipe, task, args.data) - SEARCH_HOLDOUT
     sets = task_overrides(task, Path(args.data), args.model, seed, rows)
     epochs = raw.get("train", {}).get("num_train_epochs", 3)
     if scale != 1:
@@ -92,8 +116,12 @@ def make_job(args, name: str, recipe: Path, task: str, seed: int, scale: float, 
         mapped = _source_out(teacher, root, task, seed)
         needs.append(mapped)
         sets.append(f"distill.teacher={json.dumps(mapped)}")
-    return {"recipe": str(recipe), "sets": sets, "out": str(out), "task": task, "method": name, "seed": seed,
-            "epochs": round(epochs * scale, 3), "needs": needs}
+    job = {"recipe": str(recipe), "sets": sets, "out": str(out), "task": task, "method": name, "seed": seed,
+           "epochs": round(epochs * scale, 3), "needs": needs}
+    if name == GLORA_SEARCHED:
+        job.update(kind=GLORA_SEARCHED, supernet=str(root / SUPERNETS / task / f"seed{seed}"),
+                   search_rows=args.glora_search_rows)
+    return job
 
 
 def _source_out(value: str, root: Path, task: str, seed: int) -> str:
@@ -104,15 +132,33 @@ def _source_out(value: str, root: Path, task: str, seed: int) -> str:
 
 
 def run_job(job: dict) -> dict:
-    """Worker: one training run through the same code path as `peft train`."""
+    """Worker: one training run through the same code path as `peft train` (GLoRA's searched job: three steps)."""
     from peftcli import commands
 
     started = time.time()
     try:
-        commands.train(job["recipe"], job["sets"], job["out"], overwrite=True)
+        if job.get("kind") == GLORA_SEARCHED:
+            run_glora_searched(job)
+        else:
+            commands.train(job["recipe"], job["sets"], job["out"], overwrite=True)
         return {**job, "ok": True, "seconds": time.time() - started}
     except Exception as exc:  # a failing method is reported in the table notes, not fatal
         return {**job, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": time.time() - started}
+
+
+def run_glora_searched(job: dict) -> None:
+    """`peft train` of the supernet, `peft glora-search` on it, `peft train` of the recipe it writes. That recipe
+    copies the supernet's resolved one (task files and columns, data.limit, scaled epochs, seed), so the fine-tune
+    needs no overrides of its own and trains on the same rows as the supernet."""
+    from peftcli import commands
+    from peftcli.glora_search import SearchOptions, search
+
+    supernet = Path(job["supernet"])
+    commands.train(job["recipe"], job["sets"], str(supernet), overwrite=True)
+    # the file's stem names the table row (compare.recipe_name): sst2-glora-searched
+    found = search(str(supernet), str(supernet / f"sst2-{GLORA_SEARCHED}.yaml"), job["out"],
+                   SearchOptions(search_rows=job["search_rows"], seed=job["seed"]))
+    commands.train(found["recipe"], [], job["out"], overwrite=True)
 
 
 def pin_device(devices, gpus: int, threads: int) -> None:
@@ -275,6 +321,8 @@ def main() -> None:
     parser.add_argument("--sweep-scales", help="choose the MRPC/RTE epoch factor from these, e.g. 1,3,6")
     parser.add_argument("--sweep-methods", default="full,lora,adapter,bitfit")
     parser.add_argument("--sweep-seed", type=int, default=0)
+    parser.add_argument("--glora-search-rows", type=int, default=1000,
+                        help=f"{GLORA_SEARCHED}: held-out train rows that score each search candidate")
     parser.add_argument("--skip-done", help="jobs finished by earlier invocations: a file of TASK/method/seedN lines, "
                                             "or a table's .runs.json")
     parser.add_argument("--workers", type=int, default=1)
@@ -300,7 +348,7 @@ def main() -> None:
         render(args.render, Path(args.out), prior)
         return
     root = Path(args.out)
-    all_recipes = recipes()
+    all_recipes = {**recipes(), GLORA_SEARCHED: REPO / "recipes" / "glue" / "sst2-glora.yaml"}
     wanted = list(all_recipes) if args.methods == "all" else args.methods.split(",")
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
     scheduler = Scheduler(args.workers, deadline, args.gpus)
@@ -341,6 +389,14 @@ def finish(args, scheduler: Scheduler, scales: dict, sweep_rows: list[dict]) -> 
     notes = {"command": " ".join(sys.argv), "epoch_scales": scales, "sweep": sweep_rows,
              "failed": [{k: r.get(k) for k in ("task", "method", "seed", "error")} for r in results if not r["ok"]],
              "not_run": [{k: j.get(k) for k in ("task", "method", "seed", "note")} for j in scheduler.not_run]}
+    searched = {r["task"]: recipe_yaml(Path(r["out"]) / "recipe.yaml")["data"]["limit"]["train"]  # --set included
+                for r in results if r.get("kind") == GLORA_SEARCHED and r["ok"]}
+    if searched:
+        notes[GLORA_SEARCHED] = {
+            "how": f"supernet (under {SUPERNETS}/) -> glora-search -> fine-tune of the chosen subnet; both trainings "
+                   f"use the first train_limit train rows, the search scores on {args.glora_search_rows} (at most) "
+                   f"of the rest, never on dev",
+            "train_limit": searched}
     (root / "notes.json").write_text(json.dumps(notes, indent=2), encoding="utf-8")
     print(table)
     print(json.dumps({"finished": len(done), "failed": len(notes["failed"]), "not_run": len(scheduler.not_run)}))
@@ -356,7 +412,7 @@ def render(roots: list[str], out: Path, prior: list[dict] = ()) -> None:
     for root in roots:
         for p in sorted(Path(root).rglob("metrics.json")):
             key = str(p.parent.relative_to(root))
-            if "sweep" not in p.parts and is_run_dir(p.parent):
+            if not {"sweep", SUPERNETS} & set(p.parts) and is_run_dir(p.parent):
                 chosen.setdefault(key, str(p.parent))
     dirs = sorted(chosen.values())
     fresh = {_run_key(read_result(Path(d))) for d in dirs}
