@@ -73,8 +73,10 @@ def test_prefix_that_never_reaches_attention_is_an_error(name, tiny_models, monk
     model = inject(name, tiny_models[task], task)
     original = modeling_bert.BertSelfAttention.forward
 
-    def drops_cache(self, hidden_states, attention_mask=None, cache=None, **kwargs):
-        return original(self, hidden_states, None, cache=None, **kwargs)
+    def drops_cache(self, hidden_states, *args, **kwargs):
+        for name in ("attention_mask", "cache", "past_key_values"):
+            kwargs.pop(name, None)
+        return original(self, hidden_states, **kwargs)
 
     monkeypatch.setattr(modeling_bert.BertSelfAttention, "forward", drops_cache)
     with pytest.raises(UserError, match=r"prefix never reached the attention of layers \[0, 1\]"):
