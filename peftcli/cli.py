@@ -60,10 +60,14 @@ def train(
     resume_from: Annotated[Optional[str], typer.Option(help="continue from this checkpoint-N folder")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ):
-    """Train RECIPE; prints where the run went."""
+    """Train RECIPE; prints the final metrics, the plots, the time taken and where the run went."""
     from . import commands
 
     out = commands.train(recipe, set_ or [], output_dir, resume_from or resume, overwrite)
+    if commands.process_rank() == 0:  # only rank 0 wrote metrics.json and run_info.json
+        from .report import train_summary
+
+        typer.echo("\n".join(train_summary(out)))
     typer.echo(f"run saved to {out}")
 
 

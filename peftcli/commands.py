@@ -104,14 +104,20 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
           overwrite: bool = False) -> Path:
     """`resume`: False, True (newest valid checkpoint) or a checkpoint folder."""
     from . import checkpoint
+    from .report import Stopwatch
     from .resilience import train_with_stops
 
+    # run_info.json's "seconds": where the command's time went, not only the training loop; the total runs from
+    # here (reading the recipe) to run_info.json, so Python start-up and imports before it are not in it.
+    clock = Stopwatch()
     recipe = load_recipe(recipe_path, overrides, output_dir)
     absolutize_paths(recipe.raw)
     out = check_output_dir(recipe, resume, overwrite)
     recipe_hash = checkpoint.recipe_sha256(recipe.raw)
     resume_from = checkpoint.resume_point(out, resume, recipe_hash)
+    clock.start("prepare_data")  # read + tokenise, and the method checked on the meta-device skeleton
     the_plan = plan(recipe)
+    clock.start("load_model")  # weights, method injection, trainer set-up
     from transformers import set_seed
 
     set_seed(recipe.train.get("seed", 42))
@@ -137,16 +143,18 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
     trainer = build_trainer(the_plan, model, out, record, recipe_sha256=recipe_hash)
     for callback in recipe_callbacks(recipe, model, the_plan.data.labels):  # layerdrop, distill
         trainer.add_callback(callback)
+    clock.start("train")
     started = time.time()
     resume_command = f"peft train {recipe_path} --resume" + (f" --output-dir {output_dir}" if output_dir else "")
     train_with_stops(trainer, resume_from, resume_command, recipe.data.max_length)
     seconds = time.time() - started
+    clock.start("save_and_evaluate")
     # A collective under FSDP / ZeRO-3 (every rank calls); DeepSpeed gathers through its engine, not the module.
     gathered = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
     if trainer.is_world_process_zero():
         runs.save_trained(trainer.accelerator.unwrap_model(trainer.model), out, record, gathered)
     metrics = final_metrics(trainer, the_plan, report_dir=out) if the_plan.data.eval else {}
-    finish_run(trainer, recipe, record, metrics, seconds, out)
+    finish_run(trainer, recipe, record, metrics, seconds, out, clock)
     return out
 
 
@@ -201,7 +209,7 @@ def final_metrics(trainer, the_plan: Plan, report_dir: Path | None = None) -> di
     return final_scores(trainer, the_plan, report_dir)
 
 
-def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: float, out: Path) -> None:
+def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: float, out: Path, clock) -> None:
     from .report import model_card, plot_loss, run_info
 
     if not trainer.is_world_process_zero():
@@ -210,7 +218,7 @@ def finish_run(trainer, recipe: Recipe, record: dict, metrics: dict, seconds: fl
     runs.atomic_write(out / "trainer_state.json", json.dumps(dataclasses.asdict(trainer.state), indent=2,
                                                              default=str))
     plot_loss(trainer.state.log_history, out / "loss.png")
-    info = run_info(trainer.state.log_history, seconds, len(trainer.train_dataset))
+    info = run_info(trainer.state.log_history, seconds, len(trainer.train_dataset), clock.seconds())
     runs.atomic_write(out / "run_info.json", json.dumps(info, indent=2))
     runs.atomic_write(out / "README.md", model_card(recipe.raw, record, metrics, seconds))
 

@@ -29,7 +29,9 @@ def read_result(run_dir: Path) -> dict:
             "seed": recipe.get("train", {}).get("seed", 42), "trainable_params": record["trainable_params"],
             "trainable_pct": 100.0 * record["trainable_params"] / max(record["total_params"], 1),
             "metrics": metrics, **{k: info.get(k) for k in ("train_seconds", "train_samples_per_second",
-                                                             "peak_memory_mib", "device")}}
+                                                             "peak_memory_mib", "device")},
+            # The whole `peft train` (data, model load, training, saving); runs made before it was recorded: None.
+            "total_seconds": info.get("seconds", {}).get("total")}
 
 
 def recipe_name(text: str, fallback: str) -> str:
@@ -54,6 +56,7 @@ def group(rows: list[dict]) -> list[dict]:
         summary = {"data": data, "recipe": recipe, "method": method, "seeds": len(members),
                    "trainable_params": members[0]["trainable_params"], "trainable_pct": members[0]["trainable_pct"],
                    "train_seconds": _mean([r["train_seconds"] for r in members]),
+                   "total_seconds": _mean([r.get("total_seconds") for r in members]),  # older .runs.json lack it
                    "samples_per_second": _mean([r["train_samples_per_second"] for r in members]),
                    "peak_memory_mib": _mean([r["peak_memory_mib"] for r in members]),
                    "device": members[0]["device"], "runs": [r["run"] for r in members]}
@@ -73,7 +76,8 @@ def _mean(values):
 def markdown(rows: list[dict]) -> str:
     metric_names = sorted({k for r in rows for k in r if k.endswith("_std")})
     metric_names = [k[:-4] for k in metric_names]
-    head = ["data", "recipe", "method", "seeds", "trainable", *metric_names, "train s", "samples/s", "peak MiB"]
+    head = ["data", "recipe", "method", "seeds", "trainable", *metric_names, "train s", "total s (whole peft train)",
+            "samples/s", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["data"], r["recipe"], r["method"], str(r["seeds"]),
@@ -82,7 +86,8 @@ def markdown(rows: list[dict]) -> str:
             value = r.get(name)
             cells.append("" if value is None else f"{100 * value:.1f} ± {100 * r[name + '_std']:.1f}"
                          if name not in ("loss", "perplexity") else f"{value:.3f} ± {r[name + '_std']:.3f}")
-        cells += [_fmt(r["train_seconds"], "{:.0f}"), _fmt(r["samples_per_second"], "{:.0f}"),
+        cells += [_fmt(r["train_seconds"], "{:.0f}"), _fmt(r.get("total_seconds"), "{:.0f}"),
+                  _fmt(r["samples_per_second"], "{:.0f}"),
                   _fmt(r["peak_memory_mib"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 from .recipe import dump_recipe
@@ -74,8 +75,28 @@ peft merge-export {raw_recipe['train']['output_dir']} --out {raw_recipe['train']
 """
 
 
-def run_info(log_history: list[dict], seconds: float, num_examples: int) -> dict:
-    """Cost figures of a run for results tables: time, throughput, peak memory and the hardware."""
+class Stopwatch:
+    """Wall time of a command's stages: each stage runs from its start() to the next one's (the last to now)."""
+
+    def __init__(self):
+        self.began = time.perf_counter()
+        self.starts: dict[str, float] = {}
+
+    def start(self, stage: str) -> None:
+        self.starts[stage] = time.perf_counter() - self.began
+
+    def seconds(self) -> dict:
+        """{stage: s, ..., "total": s since the stopwatch was made}. Stages are cut at the rounded marks, so they
+        sum to at most the total; the remainder is the work before the first stage (reading the recipe)."""
+        total = round(time.perf_counter() - self.began, 2)
+        marks = [(stage, round(at, 2)) for stage, at in self.starts.items()] + [("total", total)]
+        stages = {stage: round(end - at, 2) for (stage, at), (_, end) in zip(marks, marks[1:])}
+        return {**stages, "total": total}
+
+
+def run_info(log_history: list[dict], seconds: float, num_examples: int, stages: dict) -> dict:
+    """Cost figures of a run for results tables: time, throughput, peak memory and the hardware.
+    `seconds`: the training loop alone (train_seconds, as older runs have it); `stages`: Stopwatch.seconds()."""
     import platform
 
     import torch
@@ -90,8 +111,30 @@ def run_info(log_history: list[dict], seconds: float, num_examples: int) -> dict
 
         device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"train_seconds": round(seconds, 2), "train_examples": num_examples,
+    return {"train_seconds": round(seconds, 2), "seconds": stages, "train_examples": num_examples,
             "train_samples_per_second": summary.get("train_samples_per_second"),
             "peak_memory_mib": round(peak_mib, 1), "peak_memory_kind": "cuda allocated" if torch.cuda.is_available()
             else "process max RSS", "device": device, "torch": torch.__version__,
             "transformers": transformers.__version__}
+
+
+def train_summary(run_dir: Path) -> list[str]:
+    """What `peft train` prints at the end, read back from the files the run wrote (nothing is recomputed)."""
+    metrics = _read_json(run_dir / "metrics.json")
+    width = max(map(len, metrics), default=0)
+    lines = ["final metrics on the eval data (metrics.json):" if metrics else
+             "no final metrics: the recipe has no eval data (data.eval or data.eval_fraction)"]
+    lines += [f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}"
+              for name, value in metrics.items()]
+    plots = [run_dir / "loss.png", run_dir / "confusion_matrix.png",
+             *sorted(run_dir.glob("tasks/*/confusion_matrix.png"))]  # multi-task runs: one matrix per task
+    lines += [f"plot: {path}" for path in plots if path.is_file()]
+    stages = _read_json(run_dir / "run_info.json").get("seconds")
+    if stages:
+        parts = ", ".join(f"{stage} {value:.1f} s" for stage, value in stages.items() if stage != "total")
+        lines.append(f"time: {stages['total']:.1f} s in all ({parts})")
+    return lines
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

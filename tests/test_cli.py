@@ -62,6 +62,33 @@ def test_classification_train_eval_merge_roundtrip(tiny_bert, tmp_path):
     assert_same_predictions(out, merged, "sequence-classification")
 
 
+def test_train_ends_with_metrics_plots_and_stage_times(tiny_bert, tmp_path):
+    """The last lines of `peft train` show metrics.json's numbers and the plots; run_info.json splits the wall time
+    of the command into stages (issue #24: train_seconds alone left data preparation out)."""
+    out = tmp_path / "run"
+    data = {"train": str(REVIEWS / "train.jsonl"), "eval": str(REVIEWS / "validation.jsonl"), "max_length": 32,
+            "limit": {"train": 32, "eval": 16}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, "sequence-classification", {"name": "lora", "r": 4},
+                          data, out, max_steps=2)
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"accuracy", "f1"}
+    for name, value in metrics.items():
+        assert [name, f"{value:.4f}"] in [line.split() for line in lines], result.stdout
+    assert f"plot: {out / 'loss.png'}" in lines and f"plot: {out / 'confusion_matrix.png'}" in lines
+    assert lines[-1] == f"run saved to {out}"
+
+    info = json.loads((out / "run_info.json").read_text())
+    stages = info["seconds"]
+    assert list(stages) == ["prepare_data", "load_model", "train", "save_and_evaluate", "total"]
+    assert all(value >= 0 for value in stages.values())
+    assert sum(value for name, value in stages.items() if name != "total") <= stages["total"] + 1e-9
+    assert stages["train"] == pytest.approx(info["train_seconds"], abs=0.1)  # the old field keeps its meaning
+    assert f"time: {stages['total']:.1f} s in all" in result.stdout
+
+
 def test_causal_lm_alpaca_train_eval_merge(tiny_llama, tmp_path):
     rows = [{"instruction": f"say the word {w}", "input": "", "output": f"{w} {w} {w}"}
             for w in ("great", "bad", "film", "food", "slow", "fresh", "loud", "warm")]
