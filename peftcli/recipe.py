@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
-from .schema import Where, build, check_keys, field, fraction, non_negative, open_fraction, positive
+from .schema import (Where, build, check_keys, field, fraction, init_field_names, non_negative, open_fraction,
+                     positive)
 from .yamlio import LocDict, parse_scalar, read_yaml_file
 
 TASKS = ("sequence-classification", "causal-lm", "token-classification", "seq2seq", "image-classification")
@@ -296,11 +297,9 @@ def build_method(section, where: Where, task: str):
 
 def build_train(section, where: Where, source: str) -> dict:
     """The train section is passed to TrainingArguments: keys are checked against its fields."""
-    from transformers import TrainingArguments
-
     if not isinstance(section, dict):
         raise where.error("expected a mapping of TrainingArguments keys")
-    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    allowed = init_field_names("transformers.training_args", "TrainingArguments")
     check_keys(section, allowed, where, "'train' (transformers.TrainingArguments)")
     for key, value in section.items():
         if SECRET_KEY.search(key) and value not in (None, "", False):

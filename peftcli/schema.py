@@ -1,10 +1,15 @@
 """Typed dataclass validation of YAML mappings: unknown keys with "did you mean", types, ranges, file:line."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import importlib
+import importlib.util
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from .errors import UserError
@@ -50,6 +55,37 @@ def check_keys(data: dict, allowed, where: Where, what: str) -> None:
             hint = did_you_mean(key, allowed)
             accepted = ", ".join(sorted(allowed)) if len(allowed) <= 25 else "see its documentation"
             raise where.child(key, data).error(f"unknown key{hint}; {what} accepts: {accepted}")
+
+
+@functools.lru_cache(maxsize=None)
+def init_field_names(module: str, class_name: str) -> frozenset[str]:
+    """The __init__ fields of a dataclass, read from its module's source without importing the module.
+    Why: importing transformers.training_args (for TrainingArguments' keys) loads the trainer stack, HF peft and
+    bitsandbytes: ~4 s and a bitsandbytes warning in every `peft validate`. A class that is not a plain
+    `@dataclass` without bases in that file (inherited fields, an upstream refactor) is imported instead."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8")) if spec and spec.origin else ast.Module([], [])
+    found = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name]
+    plain = (len(found) == 1 and not found[0].bases
+             and [ast.unparse(d) for d in found[0].decorator_list] in (["dataclass"], ["dataclasses.dataclass"]))
+    names = frozenset(_init_fields(found[0])) if plain else frozenset()
+    if not names:
+        cls = getattr(importlib.import_module(module), class_name)
+        names = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+    return names
+
+
+def _init_fields(cls: ast.ClassDef):
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        if any(marker in ast.unparse(node.annotation) for marker in ("ClassVar", "InitVar", "KW_ONLY")):
+            continue  # not fields (dataclasses.fields leaves them out too)
+        value = node.value
+        keywords = value.keywords if isinstance(value, ast.Call) else []
+        if not any(k.arg == "init" and isinstance(k.value, ast.Constant) and k.value.value is False
+                   for k in keywords):
+            yield node.target.id
 
 
 def build(cls, data: Any, where: Where):

@@ -8,12 +8,11 @@ import os
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field, fraction, open_fraction, positive
 from .lora import DEFAULT_TARGETS, LoraLinear
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, MethodCallback, match_targets, replace_module, target_error
 
 logger = logging.getLogger("peftcli")
 RANKS_FILE = "adalora_ranks.json"
@@ -119,7 +118,7 @@ def budget(step: int, total: int, cfg: AdaLoraConfig, initial: int, target: int)
     return target + int(round((initial - target) * progress ** 3))
 
 
-class BudgetCallback(TrainerCallback):
+class BudgetCallback(MethodCallback):
     """Updates importance scores from gradients after each optimizer step and reallocates the rank budget every
     delta_t steps (Algorithm 1). Its EMA scores are checkpoint state: state_dict()/load_state_dict()."""
 

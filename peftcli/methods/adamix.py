@@ -68,7 +68,7 @@ class Experts(nn.Module):
 class AdapterExperts(Experts):
     def __init__(self, m, dim, size, nonlinearity, device, consistency):
         super().__init__(m, dim, size, dim, device, consistency)
-        self.act = bn.ACT2FN[nonlinearity]
+        self.act = bn.activations()[nonlinearity]
         std = bn.INIT_STD
         for w in (self.down_weight, self.up_weight):
             nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)  # near identity, as Houlsby (Sec. 3.6)

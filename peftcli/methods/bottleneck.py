@@ -8,10 +8,9 @@ import re
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import TrainerCallback
-from transformers.activations import ACT2FN
 
 from ..errors import UserError
+from .registry import MethodCallback
 from .signatures import require_hidden_states_first
 
 # Per transformer block: (attention input, attention output projection, FFN input, FFN output projection).
@@ -60,8 +59,16 @@ def find_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
+def activations() -> dict:
+    # Imported on use: transformers.activations loads its kernel hub and model-loading stack (~0.7 s), which
+    # `peft methods` and `--help` never need.
+    from transformers.activations import ACT2FN
+
+    return ACT2FN
+
+
 def check_activation(name: str) -> str | None:
-    return None if name in ACT2FN else f"unknown nonlinearity {name!r}; use one of relu, gelu, silu, tanh"
+    return None if name in activations() else f"unknown nonlinearity {name!r}; use one of relu, gelu, silu, tanh"
 
 
 class Bottleneck(nn.Module):
@@ -72,7 +79,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.down = nn.Linear(dim, size, device=device, dtype=torch.float32)
         self.up = nn.Linear(size, dim, device=device, dtype=torch.float32)
-        self.act = ACT2FN[nonlinearity]
+        self.act = activations()[nonlinearity]
         for linear in (self.down, self.up):
             nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
             nn.init.zeros_(linear.bias)
@@ -159,7 +166,7 @@ def drop_states(model: nn.Module) -> list[DropState]:
     return list({id(m.drop): m.drop for m in model.modules() if isinstance(m, AdaptedLinear)}.values())
 
 
-class DropCallback(TrainerCallback):
+class DropCallback(MethodCallback):
     """Robust AdapterDrop (Rücklé et al. 2021, Sec. 3): each training step skips the adapters of the lowest n
     layers, n ~ U{0, ..., max_layers}."""
 

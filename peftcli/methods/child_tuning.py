@@ -6,11 +6,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field
-from .registry import HEAD_NAMES, Method
+from .registry import HEAD_NAMES, Method, MethodCallback
 
 MASK_PREFIX = "child_mask_"
 
@@ -94,7 +93,7 @@ def select_child(model: nn.Module, batches, reserve_p: float) -> None:
         mask.copy_(total >= threshold)
 
 
-class ChildTuningCallback(TrainerCallback):
+class ChildTuningCallback(MethodCallback):
     """Masks gradients right before every optimizer step (after clipping, Sec. 3.1's masked update)."""
 
     def __init__(self, cfg: ChildTuningConfig):

@@ -14,11 +14,10 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field, non_negative
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, MethodCallback, match_targets, replace_module, target_error
 
 logger = logging.getLogger("peftcli")
 REPORT_FILE = "diff_pruning.json"
@@ -167,7 +166,7 @@ def unpack_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
     return tensors
 
 
-class ProjectCallback(TrainerCallback):
+class ProjectCallback(MethodCallback):
     """Projects δ to the target density once `finetune` of the steps remain (or at the end), then the kept entries
     keep training under a fixed mask; writes diff_pruning.json."""
 

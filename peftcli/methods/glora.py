@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field, positive
 from .lora import DEFAULT_TARGETS
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, MethodCallback, match_targets, replace_module, target_error
 
 # Path choices per component (paper Sec. 3, Table 1 search space): A and B scale / shift the weight, C is a
 # prompt in input space projected by W0, D and E scale / shift the bias and have no low-rank form. "lora" is the
@@ -211,7 +210,7 @@ def inherit(model: nn.Module, path: str) -> int:
     return copied
 
 
-class InheritCallback(TrainerCallback):
+class InheritCallback(MethodCallback):
     """Starts a searched configuration from the supernet's weights (not on resume: the checkpoint has them)."""
 
     def __init__(self, cfg: GloraConfig, model: nn.Module):

@@ -31,7 +31,7 @@ class Method:
     merge: Callable[[nn.Module, object], nn.Module] | None = None
     merge_hint: str = ""  # for unmergeable methods: what to use instead
     tasks: frozenset = ALL_TASKS
-    callbacks: Callable[[object, nn.Module], list] | None = None  # (cfg, model) -> [TrainerCallback]
+    callbacks: Callable[[object, nn.Module], list] | None = None  # (cfg, model) -> [MethodCallback]
     extra_state: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None  # non-trainable state to save
     validate: Callable[[object], str | None] | None = None  # cross-field config checks -> error message
     # Saved form of the tensors when it differs from the live one (e.g. a sparse diff as indices + values);
@@ -43,6 +43,22 @@ class Method:
     @property
     def mergeable(self) -> bool:
         return self.merge is not None
+
+
+def _ignore_event(*args, **kwargs) -> None:
+    return None
+
+
+class MethodCallback:
+    """Base of the methods' training callbacks, standing in for transformers.TrainerCallback: importing that one
+    loads transformers' trainer stack, which imports HF peft and bitsandbytes (seconds, and a bitsandbytes warning)
+    into every command that only lists or checks methods. The Trainer calls events by name (getattr), so an event
+    a callback does not define is a no-op here, as in TrainerCallback, including events of newer transformers."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return _ignore_event
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def freeze_all(model: nn.Module) -> None:

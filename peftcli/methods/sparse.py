@@ -8,11 +8,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field, open_fraction
-from .registry import Method, match_targets, target_error
+from .registry import Method, MethodCallback, match_targets, target_error
 
 MASK = "sparse_mask"
 
@@ -89,7 +88,7 @@ def achieved_sparsity(model: nn.Module) -> float:
     return zeros / max(1, sum(layer.weight.numel() for layer in layers))
 
 
-class SparseCallback(TrainerCallback):
+class SparseCallback(MethodCallback):
     """Chooses Taylor masks before training, masks gradients, re-applies the masks after every optimizer step
     (so no optimizer state can revive a pruned weight), and reports the achieved sparsity."""
 

@@ -9,11 +9,10 @@ import os
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field, non_negative, positive
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, MethodCallback, match_targets, replace_module, target_error
 
 logger = logging.getLogger("peftcli")
 REPORT_FILE = "svd.json"
@@ -133,7 +132,7 @@ def _is_lora(param: nn.Parameter, model: nn.Module) -> bool:
     return any(param is m.lora_A or param is m.lora_B for m in svd_modules(model).values())
 
 
-class ReportCallback(TrainerCallback):
+class ReportCallback(MethodCallback):
     """Writes svd.json (ranks and compression ratio) into the run directory at the start of training."""
 
     def __init__(self, model: nn.Module):

@@ -8,12 +8,11 @@ from typing import Callable, Literal
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from ..errors import UserError
 from ..schema import field, fraction, positive
 from .prompt_inputs import COMMON_TOKENS, PromptSource, install_prompts, text_ids, usable_token_ids
-from .registry import Method
+from .registry import Method, MethodCallback
 from .soft_trigger_tokens import POSITION_DOC
 
 logger = logging.getLogger("peftcli")
@@ -123,7 +122,7 @@ def agree_across_ranks(ids: torch.Tensor) -> None:
         torch.distributed.broadcast(ids, src=0)
 
 
-class TriggerSearchCallback(TrainerCallback):
+class TriggerSearchCallback(MethodCallback):
     """Keeps the latest training batches (seen by a forward pre-hook, before the triggers go in) and searches
     every `search_every` optimizer steps; the task head trains by gradient at every step in between."""
 
