@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import re
 from pathlib import Path
@@ -11,8 +12,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
-from .schema import (Where, build, check_keys, field, fraction, init_field_names, non_negative, open_fraction,
-                     positive)
+from .schema import (Where, build, check_keys, did_you_mean, field, fraction, init_field_names, non_negative,
+                     open_fraction, positive)
 from .yamlio import LocDict, parse_scalar, read_yaml_file
 
 TASKS = ("sequence-classification", "causal-lm", "token-classification", "seq2seq", "image-classification")
@@ -283,7 +284,7 @@ def build_method(section, where: Where, task: str):
     options = {k: v for k, v in section.items() if k not in ("name", SHARE_KEY)}
     if isinstance(section, LocDict):
         options = LocDict(options)
-        options.lines = section.lines
+        options.lines, options.origins = section.lines, section.origins
     cfg = build(method.config_cls, options, where)
     if method.validate:
         message = method.validate(cfg)
@@ -295,12 +296,26 @@ def build_method(section, where: Where, task: str):
     return name, cfg, share
 
 
+def training_args_docs() -> str:
+    """The TrainingArguments reference of the installed transformers release."""
+    from importlib.metadata import version
+
+    return (f"https://huggingface.co/docs/transformers/v{version('transformers')}/en/main_classes/trainer"
+            f"#transformers.TrainingArguments")
+
+
 def build_train(section, where: Where, source: str) -> dict:
     """The train section is passed to TrainingArguments: keys are checked against its fields."""
     if not isinstance(section, dict):
         raise where.error("expected a mapping of TrainingArguments keys")
     allowed = init_field_names("transformers.training_args", "TrainingArguments")
-    check_keys(section, allowed, where, "'train' (transformers.TrainingArguments)")
+    for key in section:
+        if key not in allowed:
+            hint = did_you_mean(key, allowed)
+            others = [c for c in difflib.get_close_matches(key, allowed, n=4, cutoff=0.6) if f"'{c}'" not in hint]
+            hint += f" (also close: {', '.join(others)})" if others else ""
+            raise where.child(key, section).error(
+                f"unknown key{hint}; 'train' takes transformers.TrainingArguments keys: {training_args_docs()}")
     for key, value in section.items():
         if SECRET_KEY.search(key) and value not in (None, "", False):
             raise where.child(key, section).error(
@@ -352,7 +367,7 @@ def interpolate(value, where: Where, recipe_dir: Path):
     if isinstance(value, dict):
         out = LocDict({k: interpolate(v, where.child(k, value), recipe_dir) for k, v in value.items()})
         if isinstance(value, LocDict):
-            out.lines, out.line = value.lines, value.line
+            out.lines, out.line, out.origins = value.lines, value.line, value.origins
         return out
     if isinstance(value, list):
         return [interpolate(v, where, recipe_dir) for v in value]
@@ -389,10 +404,18 @@ def apply_override(data: dict, item: str) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = LocDict()
+            _remember_origin(node, part, item)
         if not isinstance(child, dict):
             raise UserError(f"--set {item!r}: '{part}' is not a section")
         node = child
     node[parts[-1]] = parse_scalar(text, f"--set {key}") if text.strip() else ""
+    _remember_origin(node, parts[-1], item)
+
+
+def _remember_origin(node: dict, key: str, item: str) -> None:
+    """Errors about this key then name the `--set` argument instead of a line of the recipe file."""
+    if isinstance(node, LocDict):
+        node.origins[key] = f"--set {item}"
 
 
 def plain(value):

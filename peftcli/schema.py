@@ -25,8 +25,11 @@ class Where:
     line: int | None = None
 
     def child(self, key: str, mapping: Any) -> "Where":
+        path = f"{self.path}.{key}" if self.path else key
+        if isinstance(mapping, LocDict) and key in mapping.origins:
+            return Where(mapping.origins[key], path, None)  # set on the command line, not in the file
         line = mapping.lines.get(key, self.line) if isinstance(mapping, LocDict) else self.line
-        return Where(self.source, f"{self.path}.{key}" if self.path else key, line)
+        return Where(self.source, path, line)
 
     def error(self, message: str) -> UserError:
         loc = f"{self.source}:{self.line}" if self.line else self.source

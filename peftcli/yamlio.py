@@ -20,12 +20,14 @@ _YAML11_BOOL = re.compile(r"^(?:y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OF
 
 
 class LocDict(dict):
-    """A mapping that remembers the source line of each key (1-based)."""
+    """A mapping that remembers the source line of each key (1-based), or, for a value set on the command line,
+    the `--set` argument it came from."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lines: dict[str, int] = {}
         self.line: int | None = None
+        self.origins: dict[str, str] = {}
 
 
 class _Resolver(BaseResolver):

@@ -160,3 +160,28 @@ def test_merging_a_prompt_method_is_refused(tiny_bert, tmp_path):
     merged = tmp_path / "merged"
     result = run_cli("merge-export", str(out), "--out", str(merged))
     assert_refused(result, "cannot be merged", merged)
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("train.learnin_rate=3e-4", "--set train.learnin_rate=3e-4: train.learnin_rate: unknown key (did you mean "
+                                "'learning_rate'?)"),
+    ("method.rr=3", "--set method.rr=3: method.rr: unknown key (did you mean 'r'?)"),
+    ("method.r=-3", "--set method.r=-3: method.r: must be > 0"),
+])
+def test_a_bad_override_is_reported_at_its_set_argument(override, expect, tiny_bert, tmp_path):
+    """Not at a line of the recipe file, which holds no such key."""
+    from runhelp import write_recipe
+
+    result = run_cli("validate", str(write_recipe(tmp_path, tiny_bert, tmp_path / "out")), "--set", override)
+    assert result.exit_code == 2
+    assert expect in result.output and "recipe.yaml:" not in result.output
+
+
+def test_an_unknown_train_key_links_the_training_arguments_reference(tiny_bert, tmp_path):
+    from runhelp import write_recipe
+
+    result = run_cli("validate", str(write_recipe(tmp_path, tiny_bert, tmp_path / "out")),
+                     "--set", "train.eval_step=5")
+    assert result.exit_code == 2
+    assert "also close: " in result.output and "eval_steps" in result.output
+    assert "/main_classes/trainer#transformers.TrainingArguments" in result.output
