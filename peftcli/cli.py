@@ -61,11 +61,12 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ):
     """Train RECIPE; prints the final metrics, the plots, the time taken and where the run went."""
-    from . import commands
+    from .workflows.plan import process_rank
+    from .workflows.train import train as train_run
 
-    out = commands.train(recipe, set_ or [], output_dir, resume_from or resume, overwrite)
-    if commands.process_rank() == 0:  # only rank 0 wrote metrics.json and run_info.json
-        from .report import train_summary
+    out = train_run(recipe, set_ or [], output_dir, resume_from or resume, overwrite)
+    if process_rank() == 0:  # only rank 0 wrote metrics.json and run_info.json
+        from .runs.report import train_summary
 
         typer.echo("\n".join(train_summary(out)))
     typer.echo(f"run saved to {out}")
@@ -100,14 +101,14 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="print the metrics as one JSON line last")] = False,
 ):
     """Score a run (its final weights, a checkpoint, or its base model) with its task's metrics."""
-    from . import commands
-    from .generation import GenerationSettings
+    from .models.generation import GenerationSettings
+    from .workflows.evaluate import EvalOptions, evaluate
 
     if split not in ("eval", "train"):
         raise UserError(f"--split {split!r}: use eval or train")
     settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed)
-    metrics = commands.evaluate(target, data, split, checkpoint=checkpoint, base=base, predictions=predictions,
-                                report=report, generate=generate, settings=settings)
+    metrics = evaluate(target, EvalOptions(data, split, checkpoint=checkpoint, base=base, predictions=predictions,
+                                           report=report, generate=generate, settings=settings))
     if predictions:
         typer.echo(f"predictions written to {predictions}", err=as_json)
     if as_json:
@@ -128,7 +129,8 @@ def generate(
     top_k: TopK = 50, seed: Seed = 0,
 ):
     """Print a causal-LM run's completion of PROMPT."""
-    from .generation import GenerationSettings, generate_text
+    from .models.generation import GenerationSettings
+    from .workflows.generate import generate_text
 
     settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed)
     typer.echo(generate_text(target, prompt, settings, base, checkpoint))
@@ -143,11 +145,11 @@ def merge_export(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
 ):
     """Fold the method into the base weights and write a plain HF model."""
-    from . import commands
+    from .workflows.merge_export import merge_export as merge
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    target = commands.merge_export(run_dir, out, dtype, overwrite)
+    target = merge(run_dir, out, dtype, overwrite)
     typer.echo(f"merged model written to {target}")
 
 
@@ -162,7 +164,7 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
 ):
     """Write a run's adapter for other tools: HF peft's layout, or its raw tensors."""
-    from .export import FORMATS, export as export_run
+    from .runs.export import FORMATS, export as export_run
 
     if format_ not in FORMATS:
         raise UserError(f"--format {format_!r}: use {' or '.join(FORMATS)}")
@@ -177,9 +179,9 @@ def validate(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override: key.path=value")] = None,
 ):
     """Check a recipe, its data and its method targets without loading weights."""
-    from . import commands
+    from .workflows.plan import validate as validate_recipe
 
-    checked = commands.validate(recipe, set_ or [])
+    checked = validate_recipe(recipe, set_ or [])
     labels = f", {len(checked.data.labels)} labels" if checked.data.labels else ""
     evals = len(checked.data.eval) if checked.data.eval is not None else 0
     if checked.tasks:  # multi-task: data.eval maps task -> examples
@@ -208,7 +210,7 @@ def glora_search(
 ):
     """Evolutionary search of per-layer GLoRA paths and ranks on a supernet run, scored on a search split disjoint
     from data.eval; writes a recipe to fine-tune them."""
-    from .glora_search import SearchOptions, search
+    from .workflows.glora_search import SearchOptions, search
 
     result = search(run_dir, out, output_dir, SearchOptions(population, generations, mutation, max_params,
                                                             search_rows, search_data, seed))
@@ -220,7 +222,7 @@ def glora_search(
 @cli_errors
 def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False):
     """List the registered methods, their tasks and whether they merge."""
-    from .commands import methods_table
+    from .methods.catalog import methods_table
 
     rows = methods_table()
     if as_json:
@@ -239,7 +241,7 @@ def compare(
     metric: Annotated[Optional[str], typer.Option(help="metric to plot")] = None,
 ):
     """Compare finished runs: metric mean ± std over seeds, trainable parameters, time, throughput, memory."""
-    from .compare import compare as build
+    from .runs.compare import compare as build
 
     typer.echo(build(run_dirs, out, metric), nl=False)
 

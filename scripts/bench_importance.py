@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from peftcli.methods.install import prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,9 +46,11 @@ class StepTimer:
 
 
 def measure(model_path: str, method: dict, scores, steps: int, batch: int) -> list[float]:
-    from peftcli import commands, runs
-    from peftcli.models import load_model
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.runs.folder import method_record
+    from peftcli.workflows.plan import plan
+    from peftcli.workflows.train import build_trainer
+    from peftcli.models.loading import load_model
+    from peftcli.methods.recipes import recipe_from_dict
 
     raw = {"model": {"name_or_path": model_path, "task": "sequence-classification"},
            "data": {"train": str(DATA / "glue/SST-2/train.tsv"), "text": "sentence", "label": "label",
@@ -56,10 +59,10 @@ def measure(model_path: str, method: dict, scores, steps: int, batch: int) -> li
            "train": {"learning_rate": 1e-4, "max_steps": steps, "per_device_train_batch_size": batch, "seed": 1}}
     with tempfile.TemporaryDirectory() as out:
         recipe = recipe_from_dict(raw, "bench.yaml", REPO, output_dir=out)
-        the_plan = commands.plan(recipe)
-        model = runs.prepare_model(load_model(recipe.model, the_plan.num_labels, the_plan.data.labels),
+        the_plan = plan(recipe)
+        model = prepare_model(load_model(recipe.model, the_plan.num_labels, the_plan.data.labels),
                                    recipe.method_name, recipe.method)
-        trainer = commands.build_trainer(the_plan, model, Path(out), runs.method_record(recipe, model, None),
+        trainer = build_trainer(the_plan, model, Path(out), method_record(recipe, model, None),
                                          logging_steps=10_000, disable_tqdm=True)
         timer = StepTimer()
         trainer.add_callback(timer.callback)

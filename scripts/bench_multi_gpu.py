@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RUNNER = """import sys
 sys.path.insert(0, {repo!r})
-from peftcli import commands
+from peftcli.workflows import train as commands
 from peftcli.errors import TrainingStopped, UserError
 try:
     commands.train(sys.argv[1], [], sys.argv[2], resume=sys.argv[3] == "resume", overwrite=sys.argv[3] != "resume")
@@ -222,10 +222,10 @@ def check_merge(run: Path, merged_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftcli import commands
-    from peftcli.runs import load_trained
+    from peftcli.runs.folder import load_trained
+    from peftcli.workflows.merge_export import merge_export
 
-    commands.merge_export(str(run), str(merged_dir), overwrite=True)
+    merge_export(str(run), str(merged_dir), overwrite=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter_model = load_trained(run)[2].to(device).float().eval()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(device).eval()

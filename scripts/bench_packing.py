@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from peftcli.methods.install import prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -114,23 +115,25 @@ class TokenCountingCollator:
 def run_variant(args, name: str, model_folder: Path, work: Path) -> dict:
     from transformers import TrainerCallback
 
-    from peftcli import commands, runs
-    from peftcli.models import load_model
-    from peftcli.recipe import load_recipe
+    from peftcli.runs.folder import method_record
+    from peftcli.workflows.plan import plan
+    from peftcli.workflows.train import build_trainer
+    from peftcli.models.loading import load_model
+    from peftcli.methods.recipes import load_recipe
 
     packing, attn = VARIANTS[name]
     recipe_file = work / f"{name}.yaml"
     recipe_file.write_text(recipe_text(args, model_folder, packing, attn, work / name), encoding="utf-8")
     recipe = load_recipe(str(recipe_file), [], None)
-    the_plan = commands.plan(recipe)
+    the_plan = plan(recipe)
     torch.manual_seed(0)
     model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
-    model = runs.prepare_model(model, recipe.method_name, recipe.method)
+    model = prepare_model(model, recipe.method_name, recipe.method)
     if packing:
         model.config.use_cache = False
     (work / name).mkdir(parents=True, exist_ok=True)
-    record = runs.method_record(recipe, model, the_plan.data.labels)
-    trainer = commands.build_trainer(the_plan, model, work / name, record)
+    record = method_record(recipe, model, the_plan.data.labels)
+    trainer = build_trainer(the_plan, model, work / name, record)
     counter = TokenCountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     times: list[float] = []

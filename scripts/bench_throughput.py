@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from peftcli.methods.install import prepare_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -78,11 +79,10 @@ def hf_peft(model, args, adapter_fp32=True):
 
 
 def peftcli_lora(model, args, fused: bool, rotary: bool = True):
-    from peftcli import runs
     from peftcli.methods.lora import LoraConfig
-    from peftcli.speedups import use_fused_kernels
+    from peftcli.models.speedups import use_fused_kernels
 
-    runs.prepare_model(model, "lora", LoraConfig(r=args.rank, alpha=args.alpha, target_modules=TARGETS))
+    prepare_model(model, "lora", LoraConfig(r=args.rank, alpha=args.alpha, target_modules=TARGETS))
     if fused:
         use_fused_kernels(model, rotary=rotary)
     return model
@@ -91,7 +91,7 @@ def peftcli_lora(model, args, fused: bool, rotary: bool = True):
 def peftcli_loss_fn(model, args, compiled: bool):
     """The loss step as `peft train` runs it (model.chunked_loss, speedups.py): the model's own forward, whose
     head hands the hidden states to the chunked cross entropy against the (tied, frozen) lm_head weight."""
-    from peftcli.speedups import hidden_states_to_loss, install_chunked_loss
+    from peftcli.models.speedups import hidden_states_to_loss, install_chunked_loss
 
     head = install_chunked_loss(model, chunk_tokens=args.chunk)
     if compiled:
@@ -116,7 +116,6 @@ def other_method(name, model, args):
                "hf-peft-prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True,
                                                                  encoder_hidden_size=512, task_type=task)}[name]()
         return peft.get_peft_model(model, cfg)
-    from peftcli import runs
     from peftcli.methods.adapter import AdapterConfig
     from peftcli.methods.ia3 import Ia3Config
     from peftcli.methods.lora import LoraConfig
@@ -127,7 +126,7 @@ def other_method(name, model, args):
                    "peftcli-ia3": ("ia3", lambda: Ia3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FFN)),
                    "peftcli-adapter": ("adapter", lambda: AdapterConfig()),
                    "peftcli-prefix": ("prefix_tuning", lambda: PrefixTuningConfig())}[name]
-    return runs.prepare_model(model, method, cfg())
+    return prepare_model(model, method, cfg())
 
 
 def make_variant(name, args, device):
@@ -136,7 +135,7 @@ def make_variant(name, args, device):
     if name in METHOD_VARIANTS:
         model = other_method(name, model, args)
         if name.startswith("peftcli"):  # as `peft train` runs it on CUDA: fused kernels, chunked loss
-            from peftcli.speedups import use_fused_kernels
+            from peftcli.models.speedups import use_fused_kernels
 
             use_fused_kernels(model)
             return model, cfg, peftcli_loss_fn(model, args, compiled=False)
@@ -148,7 +147,7 @@ def make_variant(name, args, device):
         # `-norope` and `-noce` switch off one Triton kernel each (rotary; loss and gradient of a logits chunk),
         # to measure what it buys.
         if name.endswith("-noce"):
-            import peftcli.kernels.loss as loss_kernels
+            import peftcli.models.kernels.loss as loss_kernels
 
             loss_kernels._fused_applies = lambda logits, softcap: False
         model = peftcli_lora(model, args, fused="unfused" not in name and "compile" not in name,

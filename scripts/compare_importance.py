@@ -37,7 +37,7 @@ def recipe(dataset: str, method: str, importance: bool, seed: int, out: Path, mo
 
 
 def run_one(dataset, method, importance, seed, root: Path, model: str) -> dict:
-    from peftcli import commands
+    from peftcli.workflows import train as commands
 
     name = f"{dataset}-{method}-{'imp' if importance else 'base'}-s{seed}"
     out = root / name

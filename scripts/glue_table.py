@@ -87,8 +87,8 @@ def task_overrides(task: str, data: Path, model: str | None, seed: int, rows: in
 @functools.lru_cache(maxsize=None)  # once per task, not per seed
 def train_size(recipe: Path, task: str, data: str) -> int:
     """Rows of the task's train file as `peft train` reads them, before any data.limit."""
-    from peftcli.data import load_splits
-    from peftcli.recipe import load_recipe
+    from peftcli.data.readers import load_splits
+    from peftcli.methods.recipes import load_recipe
 
     loaded = load_recipe(recipe, task_overrides(task, Path(data), None, 0, None))
     return len(load_splits(loaded.data, 0)[0])
@@ -133,7 +133,7 @@ def _source_out(value: str, root: Path, task: str, seed: int) -> str:
 
 def run_job(job: dict) -> dict:
     """Worker: one training run through the same code path as `peft train` (GLoRA's searched job: three steps)."""
-    from peftcli import commands
+    from peftcli.workflows import train as commands
 
     started = time.time()
     try:
@@ -150,8 +150,8 @@ def run_glora_searched(job: dict) -> None:
     """`peft train` of the supernet, `peft glora-search` on it, `peft train` of the recipe it writes. That recipe
     copies the supernet's resolved one (task files and columns, data.limit, scaled epochs, seed), so the fine-tune
     needs no overrides of its own and trains on the same rows as the supernet."""
-    from peftcli import commands
-    from peftcli.glora_search import SearchOptions, search
+    from peftcli.workflows import train as commands
+    from peftcli.workflows.glora_search import SearchOptions, search
 
     supernet = Path(job["supernet"])
     commands.train(job["recipe"], job["sets"], str(supernet), overwrite=True)
@@ -379,7 +379,7 @@ def main() -> None:
 
 
 def finish(args, scheduler: Scheduler, scales: dict, sweep_rows: list[dict]) -> None:
-    from peftcli.compare import compare
+    from peftcli.runs.compare import compare
 
     root = Path(args.out)
     results = [r for r in scheduler.results.values() if "/sweep/" not in r["out"].replace("\\", "/")]
@@ -405,8 +405,8 @@ def finish(args, scheduler: Scheduler, scales: dict, sweep_rows: list[dict]) -> 
 def render(roots: list[str], out: Path, prior: list[dict] = ()) -> None:
     """Table files + per-task Markdown sections from finished run directories (sweep runs left out) and the
     per-run rows of earlier tables."""
-    from peftcli.compare import compare, read_result
-    from peftcli.runs import is_run_dir
+    from peftcli.runs.compare import compare, read_result
+    from peftcli.files import is_run_dir
 
     chosen: dict[str, str] = {}  # TASK/method/seedN -> run dir; a job re-run later as a source counts once
     for root in roots:

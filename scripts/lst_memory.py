@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+from peftcli.methods.install import prepare_model
 
 
 def saved_bytes(model, inputs) -> tuple[int, float]:
@@ -31,14 +32,13 @@ def saved_bytes(model, inputs) -> tuple[int, float]:
 
 
 def one(method: str, model_path: str, batch: int, length: int) -> dict:
-    from peftcli import runs
     from peftcli.methods import METHODS
-    from peftcli.models import load_model
-    from peftcli.recipe import ModelSection
+    from peftcli.models.loading import load_model
+    from peftcli.config.sections import ModelSection
 
     torch.manual_seed(0)
     model = load_model(ModelSection(name_or_path=model_path), num_labels=2)
-    model = runs.prepare_model(model, method, METHODS[method].config_cls()).train()
+    model = prepare_model(model, method, METHODS[method].config_cls()).train()
     inputs = {"input_ids": torch.randint(1000, 20000, (batch, length)),
               "attention_mask": torch.ones(batch, length, dtype=torch.long), "labels": torch.randint(0, 2, (batch,))}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -9,8 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftcli.methods import METHODS  # noqa: E402
-from peftcli.recipe import (DataSection, DistillSection, EvalSection, ImportanceSection,  # noqa: E402
-                            LayerDropSection, LrGroupRule, ModelSection, OptimSection, TaskDataSection)
+from peftcli.config.sections import DataSection, DistillSection, EvalSection, ImportanceSection, LayerDropSection, LrGroupRule, ModelSection, OptimSection, TaskDataSection
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "RECIPE.md"
 # Sections that combine with any method (peftcli/extras.py); absent = off.

@@ -9,12 +9,14 @@ import torch
 import yaml
 
 import test_lifecycle as lc
-from peftcli import runs
-from peftcli.commands import check_finite
+from peftcli.workflows.merge_export import check_finite
 from peftcli.errors import UserError
 from peftcli.methods.adalora import AdaLoraConfig, AdaLoraLinear, BudgetCallback, budget, validate
 from runhelp import run_cli
 from tiny import REVIEWS
+from peftcli.files import FORMAT_VERSION, TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into, save_trained
 
 TASK = "sequence-classification"
 
@@ -87,16 +89,16 @@ def test_a_pruned_triplet_returns_when_its_importance_rises():
 def test_budget_reaches_target_and_masks_reload(tiny_bert, tmp_path):
     cfg = AdaLoraConfig(init_r=6, target_r=2, delta_t=2, warmup=0.1, final=0.2,
                         target_modules=["query", "key", "value"])
-    model = runs.prepare_model(lc.load_base(tiny_bert, TASK), "adalora", cfg).train()
+    model = prepare_model(lc.load_base(tiny_bert, TASK), "adalora", cfg).train()
     callback = train_with_callback(model, cfg, steps=30)
     ranks = callback.ranks()
     assert sum(ranks.values()) == cfg.target_r * len(ranks) == callback.target
     for module in callback.modules.values():
         assert set(module.adalora_mask.tolist()) <= {0.0, 1.0}
 
-    runs.save_trained(model, tmp_path, {"method": "adalora", "format_version": runs.FORMAT_VERSION})
-    reloaded = runs.prepare_model(lc.load_base(tiny_bert, TASK), "adalora", cfg)
-    runs.load_tensors_into(reloaded, tmp_path / runs.TENSORS)
+    save_trained(model, tmp_path, {"method": "adalora", "format_version": FORMAT_VERSION})
+    reloaded = prepare_model(lc.load_base(tiny_bert, TASK), "adalora", cfg)
+    load_tensors_into(reloaded, tmp_path / TENSORS)
     assert {n: m.rank() for n, m in reloaded.named_modules() if isinstance(m, AdaLoraLinear)} == ranks
     torch.testing.assert_close(lc.outputs(reloaded.eval(), lc.sample_inputs(TASK)),
                                lc.outputs(model.eval(), lc.sample_inputs(TASK)), rtol=0, atol=0)

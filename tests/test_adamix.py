@@ -6,11 +6,11 @@ import torch
 from torch.nn import functional as F
 from transformers import TrainingArguments
 
-from peftcli import runs
 from peftcli.methods import adamix
-from peftcli.models import auto_class
-from peftcli.trainer import PeftTrainer
+from peftcli.models.loading import auto_class
+from peftcli.training.trainer import PeftTrainer
 from test_lifecycle import perturb, sample_inputs
+from peftcli.methods.install import prepare_model
 
 SEQ, LM = "sequence-classification", "causal-lm"
 
@@ -18,7 +18,7 @@ SEQ, LM = "sequence-classification", "causal-lm"
 def adamix_model(folder, task=SEQ, weight=1.0, lora=False, **load):
     name, cfg = (("adamix_lora", adamix.AdaMixLoraConfig(consistency_weight=weight)) if lora else
                  ("adamix", adamix.AdaMixConfig(consistency_weight=weight)))
-    model = runs.prepare_model(auto_class(task).from_pretrained(folder, **load), name, cfg)
+    model = prepare_model(auto_class(task).from_pretrained(folder, **load), name, cfg)
     perturb(model)  # LoRA experts start at B = 0: identical routes would hide the consistency term
     return model.train()
 

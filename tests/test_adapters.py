@@ -10,33 +10,34 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from method_configs import write_adapter_run
-from peftcli import runs
 from peftcli.methods import adamix, adapter, adapter_fusion, lst
 from peftcli.methods import bottleneck as bn
-from peftcli.models import auto_class
+from peftcli.models.loading import auto_class
 from runhelp import run_cli
 from test_lifecycle import outputs, perturb, sample_inputs
 from tiny import REVIEWS
+from peftcli.files import TENSORS
+from peftcli.methods.install import prepare_model
 
 TASK = "sequence-classification"
 
 
 def load(folder, name, cfg):
-    return runs.prepare_model(auto_class(TASK).from_pretrained(folder), name, cfg).eval()
+    return prepare_model(auto_class(TASK).from_pretrained(folder), name, cfg).eval()
 
 
 def test_houlsby_parameter_count_matches_the_paper():
     """6 layers x 2 adapters x (2md + d + m), m = 64, d = 384 (Houlsby Sec. 2.1), plus the two LayerNorms."""
     config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
     with torch.device("meta"):
-        model = runs.prepare_model(BertForSequenceClassification(config), "adapter",
+        model = prepare_model(BertForSequenceClassification(config), "adapter",
                                    adapter.AdapterConfig(bottleneck_size=64))
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     in_adapters = sum(v for n, v in trainable.items() if ".adapter." in n)
     assert in_adapters == 6 * 2 * adapter.adapter_params(384, 64) == 595_200
     norms = sum(v for n, v in trainable.items() if "LayerNorm" in n)
     assert norms == 6 * 2 * 2 * 384
-    pfeiffer = runs.prepare_model(BertForSequenceClassification(config).to("meta"), "adapter",
+    pfeiffer = prepare_model(BertForSequenceClassification(config).to("meta"), "adapter",
                                   adapter.AdapterConfig(variant="pfeiffer"))
     assert sum(p.numel() for n, p in pfeiffer.named_parameters() if ".adapter." in n) == \
         6 * adapter.adapter_params(384, 384 // 16)
@@ -78,7 +79,7 @@ def test_fusion_keeps_source_adapters_frozen(tiny_bert, tmp_path):
     sources = [write_adapter_run(tiny_bert, TASK, tmp_path / f"s{i}", seed=i) for i in range(2)]
     model = load(tiny_bert, "adapter_fusion", adapter_fusion.AdapterFusionConfig([str(s) for s in sources]))
     frozen = {k: v.clone() for k, v in adapter_fusion.source_state(model).items()}
-    first = load_file(str(sources[0] / runs.TENSORS))
+    first = load_file(str(sources[0] / TENSORS))
     assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if ".sources." in n)
     key = next(k for k in first if k.endswith("output.dense.adapter.down.weight"))
     torch.testing.assert_close(frozen[key.replace(".adapter.", ".adapter.sources.0.")], first[key])
@@ -124,7 +125,7 @@ def test_adamix_inference_equals_the_averaged_adapter(tiny_bert):
 
 def test_lst_sends_no_gradient_into_the_backbone(tiny_models):
     for task, folder in tiny_models.items():
-        model = runs.prepare_model(auto_class(task).from_pretrained(folder), "lst", lst.LstConfig())
+        model = prepare_model(auto_class(task).from_pretrained(folder), "lst", lst.LstConfig())
         perturb(model)
         backbone = [p for n, p in model.named_parameters() if "lst_side" not in n and (".layer." in n or
                     ".layers." in n or "embeddings" in n or "embed_tokens" in n)]

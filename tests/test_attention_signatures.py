@@ -7,11 +7,11 @@ import torch
 from transformers.models.bert import modeling_bert
 from transformers.models.llama import modeling_llama
 
-from peftcli import runs
 from peftcli.errors import UserError
 from peftcli.methods import METHODS
 
 from test_lifecycle import load_base, outputs, perturb, sample_inputs
+from peftcli.methods.install import prepare_model
 
 PREFIX_METHODS = ("prefix_tuning", "p_tuning_v2", "mam", "unipelt")
 ATTENTION = {"sequence-classification": modeling_bert.BertSelfAttention,
@@ -19,7 +19,7 @@ ATTENTION = {"sequence-classification": modeling_bert.BertSelfAttention,
 
 
 def inject(name, folder, task):
-    return runs.prepare_model(load_base(folder, task), name, METHODS[name].config_cls())
+    return prepare_model(load_base(folder, task), name, METHODS[name].config_cls())
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])

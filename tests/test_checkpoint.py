@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from peftcli import checkpoint
+from peftcli.training import checkpoints as checkpoint
 from peftcli.errors import UserError
-from peftcli.state_io import load_state, rng_state, save_state, set_rng_state
+from peftcli.training.state_io import load_state, rng_state, save_state, set_rng_state
 
 
 def test_optimizer_and_scheduler_state_round_trip_bitwise(tmp_path):

@@ -8,12 +8,13 @@ import pytest
 import torch
 import yaml
 
-from peftcli import commands, runs
+from peftcli.workflows import train as commands
 from peftcli.methods import METHODS
-from peftcli.models import auto_class
-from peftcli.speedups import hidden_states_to_loss, install_chunked_loss
+from peftcli.models.loading import auto_class
+from peftcli.models.speedups import hidden_states_to_loss, install_chunked_loss
 
 from method_configs import lifecycle_config
+from peftcli.methods.install import prepare_model
 
 CAUSAL = [name for name, m in METHODS.items() if "causal-lm" in m.tasks]
 
@@ -30,7 +31,7 @@ def _loss_and_grads(model, head, ids, labels, chunked: bool, autocast: bool = Fa
 @pytest.mark.parametrize("name", CAUSAL)
 def test_every_causal_method_gets_the_models_loss_and_gradients(name, tiny_llama, tmp_path):
     cfg = lifecycle_config(name, METHODS[name], tiny_llama, "causal-lm", tmp_path)
-    model = runs.prepare_model(auto_class("causal-lm").from_pretrained(tiny_llama), name, cfg).train()
+    model = prepare_model(auto_class("causal-lm").from_pretrained(tiny_llama), name, cfg).train()
     head = install_chunked_loss(model)
     assert head is not None
     ids = torch.randint(5, 50, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -92,7 +93,7 @@ def _train(tiny_llama, tmp_path, name, chunked: bool):
 
 def test_peft_train_with_chunked_loss_follows_the_same_curve(tiny_llama, tmp_path, monkeypatch):
     """Gradient accumulation included: the Trainer's token-count normalisation reaches the chunked loss."""
-    from peftcli.kernels import loss as loss_module
+    from peftcli.models.kernels import loss as loss_module
 
     calls = []
     real = loss_module.chunked_causal_lm_loss

@@ -108,8 +108,8 @@ def test_causal_lm_alpaca_train_eval_merge(tiny_llama, tmp_path):
 
 def assert_same_predictions(run_dir: Path, merged_dir: Path, task: str):
     """The merged folder loads with plain transformers and reproduces the run's outputs (fp32, 1e-4)."""
-    from peftcli.models import auto_class
-    from peftcli.runs import load_trained
+    from peftcli.models.loading import auto_class
+    from peftcli.runs.folder import load_trained
 
     _, _, model, tokenizer = load_trained(run_dir)
     plain = auto_class(task).from_pretrained(merged_dir).eval()

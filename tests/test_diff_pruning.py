@@ -8,8 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 import test_lifecycle as lc
-from peftcli import runs
+from peftcli.methods import get_method
 from peftcli.methods.diff_pruning import DiffLinear, DiffPruningConfig, ProjectCallback, hard_concrete
+from peftcli.files import FORMAT_VERSION, TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into, save_trained
 
 TASK = "sequence-classification"
 
@@ -33,7 +36,7 @@ def test_l0_penalty_falls_as_gates_close():
 
 def test_projection_reaches_density_saves_sparse_and_reloads(tiny_bert, tmp_path):
     cfg = DiffPruningConfig(target_density=0.02)
-    model = runs.prepare_model(lc.load_base(tiny_bert, TASK), "diff_pruning", cfg)
+    model = prepare_model(lc.load_base(tiny_bert, TASK), "diff_pruning", cfg)
     lc.perturb(model)
     callback = ProjectCallback(cfg, model)
     state = SimpleNamespace(global_step=10, max_steps=10, is_world_process_zero=True)
@@ -41,17 +44,17 @@ def test_projection_reaches_density_saves_sparse_and_reloads(tiny_bert, tmp_path
     report = json.loads((tmp_path / "diff_pruning.json").read_text())
     assert abs(report["density"] - 0.02) < 0.001 and report["nonzero"] > 0
 
-    runs.save_trained(model, tmp_path, {"method": "diff_pruning", "format_version": runs.FORMAT_VERSION})
-    saved = load_file(str(tmp_path / runs.TENSORS))
+    save_trained(model, tmp_path, {"method": "diff_pruning", "format_version": FORMAT_VERSION})
+    saved = load_file(str(tmp_path / TENSORS))
     assert not any(k.endswith(("diff_w", "diff_log_alpha")) for k in saved)
     assert sum(v.numel() for k, v in saved.items() if k.endswith("diff_values")) == report["nonzero"]
 
     model.eval()
-    reloaded = runs.prepare_model(lc.load_base(tiny_bert, TASK), "diff_pruning", cfg)
-    runs.load_tensors_into(reloaded, tmp_path / runs.TENSORS)
+    reloaded = prepare_model(lc.load_base(tiny_bert, TASK), "diff_pruning", cfg)
+    load_tensors_into(reloaded, tmp_path / TENSORS)
     inputs = lc.sample_inputs(TASK)
     torch.testing.assert_close(lc.outputs(reloaded.eval(), inputs), lc.outputs(model, inputs), rtol=0, atol=0)
-    merged = runs.get_method("diff_pruning").merge(reloaded, cfg)
+    merged = get_method("diff_pruning").merge(reloaded, cfg)
     torch.testing.assert_close(lc.outputs(merged, inputs), lc.outputs(model, inputs), rtol=1e-5, atol=1e-5)
 
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 import yaml
 
-from peftcli import runs
-from peftcli.distill import DistillCallback, distill_loss
+from peftcli.training.distill import DistillCallback, distill_loss
 from peftcli.methods import METHODS
-from peftcli.models import auto_class
-from peftcli.recipe import DistillSection
+from peftcli.models.loading import auto_class
+from peftcli.config.sections import DistillSection
 
 from test_cli import invoke, write_recipe
 from tiny import REVIEWS, build_tiny
 from train_helpers import make_trainer
+from peftcli.methods.install import prepare_model
 
 
 def test_loss_formula():
@@ -93,7 +93,7 @@ class RecordingTeacher(torch.nn.Module):
 def _student_and_teacher(folder, task, method):
     torch.manual_seed(0)
     cfg = METHODS[method].config_cls(**STUDENTS[method])
-    student = runs.prepare_model(auto_class(task).from_pretrained(folder), method, cfg)
+    student = prepare_model(auto_class(task).from_pretrained(folder), method, cfg)
     teacher = auto_class(task).from_pretrained(folder)
     with torch.no_grad():  # a teacher that disagrees with the student
         head = teacher.get_output_embeddings() if task == "causal-lm" else getattr(teacher, "classifier", None)

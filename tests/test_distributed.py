@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftcli import commands
+from peftcli.workflows import train as commands
 from tiny import REVIEWS
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.metrics import classification_metrics, regression_metrics
-from peftcli.report_eval import per_class_report
-from peftcli.spans import entities, entity_report, entity_scores
+from peftcli.training.metrics import classification_metrics, regression_metrics
+from peftcli.runs.eval_report import per_class_report
+from peftcli.training.spans import entities, entity_report, entity_scores
 from test_cli import write_recipe
 from tiny import REVIEWS, build_tiny
 

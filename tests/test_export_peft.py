@@ -10,10 +10,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import test_lifecycle as lc
-from peftcli import runs
+from peftcli.runs.folder import method_record, write_recipe
 from peftcli.cli import app
-from peftcli.recipe import load_recipe
+from peftcli.methods.recipes import load_recipe
 from tiny import REVIEWS
+from peftcli.files import TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import save_trained
 
 peft = pytest.importorskip("peft")
 runner = CliRunner()
@@ -28,14 +31,14 @@ def make_run(tmp_path, folder, task, method: dict, before_save=None):
         "model": {"name_or_path": str(folder), "task": task}, "data": {"train": str(REVIEWS / "train.jsonl")},
         "method": method, "train": {"output_dir": str(out)}}), encoding="utf-8")
     recipe = load_recipe(recipe_path)
-    model = runs.prepare_model(lc.load_base(folder, task), recipe.method_name, recipe.method)
+    model = prepare_model(lc.load_base(folder, task), recipe.method_name, recipe.method)
     lc.perturb(model)
     if before_save is not None:
         before_save(model)
     labels = ["negative", "positive"] if task == "sequence-classification" else None
     out.mkdir()
-    runs.write_recipe(recipe, out)
-    runs.save_trained(model, out, runs.method_record(recipe, model, labels))
+    write_recipe(recipe, out)
+    save_trained(model, out, method_record(recipe, model, labels))
     return out, lc.outputs(model.eval(), lc.sample_inputs(task))
 
 
@@ -149,7 +152,7 @@ def test_methods_without_a_peft_equivalent_exit_2_and_tensors_work_for_them(tiny
     result = export(run, tmp_path / "raw", "--format", "tensors")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "raw" / "method.json").read_bytes() == (run / "method.json").read_bytes()
-    saved, exported = load_file(run / runs.TENSORS), load_file(tmp_path / "raw" / runs.TENSORS)
+    saved, exported = load_file(run / TENSORS), load_file(tmp_path / "raw" / TENSORS)
     assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
 
 

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.generation import GenerationSettings, generate, render_prompt
-from peftcli.text_metrics import generation_metrics
+from peftcli.models.generation import GenerationSettings, generate, render_prompt
+from peftcli.training.text_metrics import generation_metrics
 from test_cli import write_recipe
 
 runner = CliRunner()

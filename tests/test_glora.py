@@ -9,11 +9,13 @@ import pytest
 import torch
 import yaml
 
+from peftcli.methods.install import prepare_model
 from peftcli.errors import UserError
-from peftcli.data import load_splits
-from peftcli.glora_search import SearchOptions, config_params, evolve, path_params, search_split
+from peftcli.data.readers import load_splits
+from peftcli.workflows.glora_search import SearchOptions, config_params, evolve, path_params, search_split
 from peftcli.methods.glora import CHOICES, GloraConfig, GloraLinear, validate
-from peftcli.recipe import DataSection, load_recipe
+from peftcli.config.sections import DataSection
+from peftcli.methods.recipes import load_recipe
 from safetensors.torch import load_file
 from runhelp import run_cli
 from tiny import REVIEWS
@@ -221,9 +223,8 @@ def test_supernet_search_then_train(tiny_bert, tmp_path):
 
 
 def test_paths_for_unknown_layers_are_a_user_error(tiny_bert):
-    from peftcli import runs
     import test_lifecycle as lc
 
     with pytest.raises(UserError, match="not an adapted layer"):
-        runs.prepare_model(lc.load_base(tiny_bert, "sequence-classification"), "glora",
+        prepare_model(lc.load_base(tiny_bert, "sequence-classification"), "glora",
                            GloraConfig(paths={"bert.nope": {"A": "none"}}))

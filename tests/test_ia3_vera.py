@@ -5,8 +5,10 @@ import torch
 from torch import nn
 
 import test_lifecycle as lc
-from peftcli import runs
 from peftcli.methods import ia3, vera
+from peftcli.files import FORMAT_VERSION, TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into, save_trained
 
 
 def test_ia3_default_targets_are_keys_values_and_ffn_down_projections(tiny_models):
@@ -41,7 +43,7 @@ def test_vera_shares_one_frozen_projection_and_starts_at_identity(tiny_llama):
     task = "causal-lm"
     base_out = lc.outputs(lc.load_base(tiny_llama, task), lc.sample_inputs(task))
     cfg = vera.VeraConfig(r=16)
-    model = runs.prepare_model(lc.load_base(tiny_llama, task), "vera", cfg)
+    model = prepare_model(lc.load_base(tiny_llama, task), "vera", cfg)
     layers = [m for m in model.modules() if isinstance(m, vera.VeraLinear)]
     assert len(layers) == 4  # q_proj and v_proj in 2 layers
     projection = model.vera_projection
@@ -56,23 +58,23 @@ def test_vera_shares_one_frozen_projection_and_starts_at_identity(tiny_llama):
 
 def test_vera_projection_is_seeded_saved_and_restored_from_the_run(tiny_llama, tmp_path):
     task = "causal-lm"
-    first = runs.prepare_model(lc.load_base(tiny_llama, task), "vera", vera.VeraConfig(r=16, projection_seed=3))
-    again = runs.prepare_model(lc.load_base(tiny_llama, task), "vera", vera.VeraConfig(r=16, projection_seed=3))
-    other = runs.prepare_model(lc.load_base(tiny_llama, task), "vera", vera.VeraConfig(r=16, projection_seed=4))
+    first = prepare_model(lc.load_base(tiny_llama, task), "vera", vera.VeraConfig(r=16, projection_seed=3))
+    again = prepare_model(lc.load_base(tiny_llama, task), "vera", vera.VeraConfig(r=16, projection_seed=3))
+    other = prepare_model(lc.load_base(tiny_llama, task), "vera", vera.VeraConfig(r=16, projection_seed=4))
     assert torch.equal(first.vera_projection.vera_A, again.vera_projection.vera_A)
     assert not torch.equal(first.vera_projection.vera_A, other.vera_projection.vera_A)
     lc.perturb(first)
     trained = lc.outputs(first, lc.sample_inputs(task))
-    runs.save_trained(first, tmp_path, {"method": "vera", "format_version": runs.FORMAT_VERSION})
+    save_trained(first, tmp_path, {"method": "vera", "format_version": FORMAT_VERSION})
     # The saved A, B win over whatever the generator gives at load time.
-    runs.load_tensors_into(other, tmp_path / runs.TENSORS)
+    load_tensors_into(other, tmp_path / TENSORS)
     torch.testing.assert_close(lc.outputs(other, lc.sample_inputs(task)), trained, rtol=0, atol=0)
 
 
 def test_vera_merge_adds_b_B_d_A_and_drops_the_projection(tiny_bert):
     task = "sequence-classification"
     cfg = vera.VeraConfig(r=8)
-    model = runs.prepare_model(lc.load_base(tiny_bert, task), "vera", cfg)
+    model = prepare_model(lc.load_base(tiny_bert, task), "vera", cfg)
     lc.perturb(model)
     layer = model.bert.encoder.layer[0].attention.self.query
     a, b = model.vera_projection.vera_A, model.vera_projection.vera_B

@@ -8,9 +8,10 @@ import torch
 from transformers import TrainerCallback
 
 from peftcli.errors import UserError
-from peftcli.optim.importance import hutchinson_trace, scales_from_scores
-from peftcli.optim.importance_callback import ImportanceCallback
-from peftcli.recipe import ImportanceSection, OptimSection, recipe_from_dict
+from peftcli.training.importance import hutchinson_trace, scales_from_scores
+from peftcli.training.importance_callback import ImportanceCallback
+from peftcli.config.sections import ImportanceSection, OptimSection
+from peftcli.methods.recipes import recipe_from_dict
 
 from train_helpers import make_trainer
 
@@ -141,7 +142,7 @@ def test_peft_train_writes_importance_logs_to_the_run(tiny_bert, tmp_path):
 def test_score_every_k_scores_only_every_kth_step(tiny_bert, tmp_path, monkeypatch):
     """`score_every: k` folds gradient scores into the EMA on steps 0, k, 2k, ... only: the knob that divides the
     scoring cost by k."""
-    from peftcli.optim import importance_callback
+    from peftcli.training import importance_callback
 
     scored = []
     real = importance_callback.group_scores

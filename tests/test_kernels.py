@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftcli.kernels import chunked_causal_lm_loss, fused, lora_delta_weight, lora_linear
-from peftcli.kernels.lora import _keep_mask
+from peftcli.methods.install import prepare_model
+from peftcli.models.kernels import chunked_causal_lm_loss, fused, lora_delta_weight, lora_linear
+from peftcli.models.kernels.lora import _keep_mask
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -281,7 +282,6 @@ def test_lora_layers_train_under_bf16_autocast_over_fp32_weights(tiny_llama):
     too) must compute in bf16 and give gradients close to the fp32 run's."""
     from transformers import AutoModelForCausalLM
 
-    from peftcli import runs
     from peftcli.methods.lora import LoraConfig
 
     ids = torch.randint(5, 50, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -289,7 +289,7 @@ def test_lora_layers_train_under_bf16_autocast_over_fp32_weights(tiny_llama):
         grads = []
         for autocast in (False, True):
             torch.manual_seed(0)
-            model = runs.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "lora",
+            model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "lora",
                                        LoraConfig(target_modules="all-linear", use_dora=dora))
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -315,7 +315,7 @@ _KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.g
 @MODES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_cross_entropy_kernel_matches_reference(grad_in_forward, dtype, monkeypatch):
-    from peftcli.kernels import loss as loss_module
+    from peftcli.models.kernels import loss as loss_module
 
     calls = []
     monkeypatch.setattr(loss_module, "_fused_applies", lambda logits, softcap: calls.append(1) or softcap is None)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcli.layerdrop import LayerDrop, layer_stack, prune_layers
-from peftcli.models import auto_class
-from peftcli.recipe import LayerDropSection
+from peftcli.training.layerdrop import LayerDrop, layer_stack, prune_layers
+from peftcli.models.loading import auto_class
+from peftcli.config.sections import LayerDropSection
 
 from test_lifecycle import sample_inputs
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcli import runs
 from peftcli.methods import METHODS
-from peftcli.methods.registry import HEAD_NAMES
-from peftcli.models import auto_class
+from peftcli.models.heads import HEAD_NAMES
+from peftcli.models.loading import auto_class
 
 from method_configs import lifecycle_config
+from peftcli.files import FORMAT_VERSION, TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into, save_trained
 
 TASKS = ("sequence-classification", "causal-lm", "image-classification")
 CASES = [(name, task) for name, m in METHODS.items() for task in TASKS if task in m.tasks]
@@ -60,7 +62,7 @@ def test_method_lifecycle(name, task, tiny_models, tmp_path):
     cfg = lifecycle_config(name, method, tiny_models[task], task, tmp_path)
     folder = tiny_models[task]
     base_out = outputs(load_base(folder, task), sample_inputs(task))
-    model = runs.prepare_model(load_base(folder, task), name, cfg)
+    model = prepare_model(load_base(folder, task), name, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in trainable if any(h in n.split(".") for h in HEAD_NAMES)}
     # A discrete method (trigger_tokens: vocabulary ids found by search) trains only the head by gradient; its
@@ -86,10 +88,10 @@ def test_method_lifecycle(name, task, tiny_models, tmp_path):
     trained_out = outputs(model, inputs)
     assert not torch.allclose(trained_out, base_out), "the perturbed method does not change the outputs"
 
-    record = {"method": name, "format_version": runs.FORMAT_VERSION}
-    runs.save_trained(model, tmp_path, record)
-    reloaded = runs.prepare_model(load_base(folder, task), name, cfg)
-    runs.load_tensors_into(reloaded, tmp_path / runs.TENSORS)
+    record = {"method": name, "format_version": FORMAT_VERSION}
+    save_trained(model, tmp_path, record)
+    reloaded = prepare_model(load_base(folder, task), name, cfg)
+    load_tensors_into(reloaded, tmp_path / TENSORS)
     reloaded.eval()
     torch.testing.assert_close(outputs(reloaded, inputs), trained_out, rtol=0, atol=0)
 

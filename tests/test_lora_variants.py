@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 import test_lifecycle as lc
-from peftcli import runs
 from peftcli.errors import UserError
 from peftcli.methods.lora import LoraConfig, METHOD, inject
 from peftcli.methods.lora_layers import LoraConv1D, LoraEmbedding, LoraLinear
+from peftcli.files import FORMAT_VERSION, TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into, save_trained
 
 
 def linear(seed: int = 0, out_features: int = 12, in_features: int = 20, dtype=torch.float32) -> nn.Linear:
@@ -94,14 +96,14 @@ def test_variant_lifecycle(variant, task, tiny_models, tmp_path):
     """inject -> perturb -> save -> reload -> merge, as tests/test_lifecycle.py does for the defaults."""
     folder, cfg = tiny_models[task], LoraConfig(**VARIANTS[variant])
     base_out = lc.outputs(lc.load_base(folder, task), lc.sample_inputs(task))
-    model = runs.prepare_model(lc.load_base(folder, task), "lora", cfg)
+    model = prepare_model(lc.load_base(folder, task), "lora", cfg)
     # Every variant starts as the base model (PiSSA up to the SVD's rounding).
     torch.testing.assert_close(lc.outputs(model, lc.sample_inputs(task)), base_out, rtol=1e-4, atol=1e-4)
     lc.perturb(model)
     trained = lc.outputs(model, lc.sample_inputs(task))
-    runs.save_trained(model, tmp_path, {"method": "lora", "format_version": runs.FORMAT_VERSION})
-    reloaded = runs.prepare_model(lc.load_base(folder, task), "lora", cfg)
-    runs.load_tensors_into(reloaded, tmp_path / runs.TENSORS)
+    save_trained(model, tmp_path, {"method": "lora", "format_version": FORMAT_VERSION})
+    reloaded = prepare_model(lc.load_base(folder, task), "lora", cfg)
+    load_tensors_into(reloaded, tmp_path / TENSORS)
     torch.testing.assert_close(lc.outputs(reloaded.eval(), lc.sample_inputs(task)), trained, rtol=0, atol=0)
     merged = METHOD.merge(reloaded, cfg)
     assert set(merged.state_dict()) == set(lc.load_base(folder, task).state_dict())

@@ -6,18 +6,18 @@ import re
 import pytest
 import torch
 
-from peftcli import runs
 from peftcli.methods import bottleneck as bn
 from peftcli.methods import lst
-from peftcli.models import auto_class
+from peftcli.models.loading import auto_class
 from test_lifecycle import perturb
+from peftcli.methods.install import prepare_model
 
 TASKS = {"bert": "sequence-classification", "llama": "causal-lm"}
 
 
 def load(folder, kind: str, r: int = 8):
     base = auto_class(TASKS[kind]).from_pretrained(folder)
-    return runs.prepare_model(base, "lst", lst.LstConfig(reduction_factor=r)).eval()
+    return prepare_model(base, "lst", lst.LstConfig(reduction_factor=r)).eval()
 
 
 def l1(weight):
@@ -161,7 +161,7 @@ def test_meta_device_model_gets_the_same_side_network(tiny_bert):
     """`peft train` counts parameters on a meta-device skeleton first: pruning must work without values."""
     config = auto_class(TASKS["bert"]).from_pretrained(tiny_bert).config
     with torch.device("meta"):
-        skeleton = runs.prepare_model(auto_class(TASKS["bert"]).from_config(config), "lst", lst.LstConfig())
+        skeleton = prepare_model(auto_class(TASKS["bert"]).from_config(config), "lst", lst.LstConfig())
     real = load(tiny_bert, "bert")
     assert {n: p.shape for n, p in skeleton.named_parameters() if p.requires_grad} == \
         {n: p.shape for n, p in real.named_parameters() if p.requires_grad}

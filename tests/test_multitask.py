@@ -12,13 +12,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftcli import multitask, runs
+from peftcli import multitask
+from peftcli.runs.folder import load_trained
 from peftcli.errors import UserError
 from peftcli.methods import METHODS
 from peftcli.methods.lora import LoraConfig
-from peftcli.models import auto_class
+from peftcli.models.loading import auto_class
 from runhelp import run_cli, step_losses
 from tiny import REVIEWS
+from peftcli.files import FORMAT_VERSION, TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into, save_trained
 
 TASK = "sequence-classification"
 
@@ -87,7 +91,7 @@ def test_lifecycle_train_eval_merge(tiny_bert, data, tmp_path):
     merged = tmp_path / "merged"
     assert run_cli("merge-export", str(out), "--out", str(merged)).exit_code == 0
     assert set(json.loads((merged / "tasks.json").read_text())) == {"reviews", "pairs", "size"}
-    _, _, model, tokenizer = runs.load_trained(out)
+    _, _, model, tokenizer = load_trained(out)
     batch = tokenizer(["great gloves", "a mess"], ["it works", "never again"], return_tensors="pt", padding=True)
     for index, name in enumerate(["reviews", "pairs", "size"]):
         plain = auto_class(TASK).from_pretrained(merged / name).eval()
@@ -109,7 +113,7 @@ def test_resume_mid_second_epoch_is_exact(tiny_bert, data, tmp_path):
     assert result.exit_code == 0, result.output
     want, got = step_losses(reference), step_losses(resumed)
     assert len(want) == 52 and all(got[step] == want[step] for step in range(40, 53))
-    reference_tensors, resumed_tensors = load_file(reference / runs.TENSORS), load_file(resumed / runs.TENSORS)
+    reference_tensors, resumed_tensors = load_file(reference / TENSORS), load_file(resumed / TENSORS)
     for name, tensor in reference_tensors.items():
         assert torch.equal(resumed_tensors[name], tensor), name
 
@@ -212,8 +216,8 @@ def load_base(folder):
 
 def test_share_across_layers_ties_one_tensor_per_target(tiny_bert, tmp_path):
     cfg = LoraConfig(r=4, target_modules=["query", "value"])
-    plain = runs.prepare_model(load_base(tiny_bert), "lora", cfg)
-    shared = runs.prepare_model(load_base(tiny_bert), "lora", cfg, share_across_layers=True)
+    plain = prepare_model(load_base(tiny_bert), "lora", cfg)
+    shared = prepare_model(load_base(tiny_bert), "lora", cfg, share_across_layers=True)
     layers = shared.bert.encoder.layer
     for target in ("query", "value"):
         first, second = (getattr(layer.attention.self, target) for layer in layers)
@@ -224,9 +228,9 @@ def test_share_across_layers_ties_one_tensor_per_target(tiny_bert, tmp_path):
 
     with torch.no_grad():
         layers[0].attention.self.query.lora_B.add_(0.1)  # moves every layer's update at once
-    runs.save_trained(shared, tmp_path, {"method": "lora", "format_version": runs.FORMAT_VERSION})
-    reloaded = runs.prepare_model(load_base(tiny_bert), "lora", cfg, share_across_layers=True)
-    runs.load_tensors_into(reloaded, tmp_path / runs.TENSORS)
+    save_trained(shared, tmp_path, {"method": "lora", "format_version": FORMAT_VERSION})
+    reloaded = prepare_model(load_base(tiny_bert), "lora", cfg, share_across_layers=True)
+    load_tensors_into(reloaded, tmp_path / TENSORS)
     assert torch.equal(reloaded.bert.encoder.layer[1].attention.self.query.lora_B,
                        layers[1].attention.self.query.lora_B)
     ids = torch.randint(8, 60, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -238,8 +242,8 @@ def test_share_across_layers_ties_one_tensor_per_target(tiny_bert, tmp_path):
 def test_share_across_layers_with_ia3_and_adapters(tiny_bert):
     for name in ("ia3", "adapter"):
         cfg = METHODS[name].config_cls()
-        plain = runs.prepare_model(load_base(tiny_bert), name, cfg)
-        shared = runs.prepare_model(load_base(tiny_bert), name, cfg, share_across_layers=True)
+        plain = prepare_model(load_base(tiny_bert), name, cfg)
+        shared = prepare_model(load_base(tiny_bert), name, cfg, share_across_layers=True)
         assert count_trainable(shared) < count_trainable(plain), name
 
 
@@ -253,7 +257,7 @@ def test_share_across_layers_with_ia3_and_adapters(tiny_bert):
 def test_share_across_layers_refusals(tiny_bert, method, options, message):
     cfg = METHODS[method].config_cls(**options)
     with pytest.raises(UserError, match=message):
-        runs.prepare_model(load_base(tiny_bert), method, cfg, share_across_layers=True)
+        prepare_model(load_base(tiny_bert), method, cfg, share_across_layers=True)
 
 
 def refused(result, want):

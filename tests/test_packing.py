@@ -6,13 +6,15 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from peftcli import commands, runs
+from peftcli.workflows import train as commands
 from peftcli.errors import UserError
-from peftcli.lm_data import encode_causal_lm
+from peftcli.data.causal_lm import encode_causal_lm
 from peftcli.methods.lora import LoraConfig
-from peftcli.recipe import DataSection, ModelSection
-from peftcli.tasks import CausalLMCollator, PackedCausalLMCollator, prepare
+from peftcli.config.sections import DataSection, ModelSection
+from peftcli.data.collators import CausalLMCollator, PackedCausalLMCollator
+from peftcli.data.prepare import prepare
 from tiny import make_tokenizer
+from peftcli.methods.install import prepare_model
 
 ROWS = [{"instruction": "write a short review of the movie", "input": "", "output": "great acting and a fine plot"},
         {"instruction": "is this review positive", "input": "the film was dull", "output": "no"},
@@ -27,7 +29,7 @@ def features(train_on_prompt=False):
 def lora_model(folder):
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.config.use_cache = False  # as `peft train` sets it for packing
-    model = runs.prepare_model(model, "lora", LoraConfig(target_modules="all-linear"))
+    model = prepare_model(model, "lora", LoraConfig(target_modules="all-linear"))
     with torch.no_grad():  # B = 0 would hide adapter gradients through the attention path
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -103,7 +105,7 @@ def test_peft_train_packed_matches_padded_loss_curve(tiny_llama, tmp_path):
 
 
 def _varlen_model(folder):
-    from peftcli.kernels import varlen
+    from peftcli.models.kernels import varlen
 
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=varlen.register()).eval()
     model.config.use_cache = False
@@ -140,7 +142,7 @@ def test_varlen_model_scores_padded_batches_like_sdpa(tiny_llama):
 
 
 def test_packed_runs_default_to_varlen_and_refuse_row_prefix_methods(tmp_path):
-    from peftcli.recipe import recipe_from_dict
+    from peftcli.methods.recipes import recipe_from_dict
 
     base = {"model": {"name_or_path": "m", "task": "causal-lm"}, "data": {"train": "x.json", "packing": True},
             "train": {"output_dir": str(tmp_path / "out")}}
@@ -152,7 +154,7 @@ def test_packed_runs_default_to_varlen_and_refuse_row_prefix_methods(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen kernel: CUDA only")
 def test_flash_varlen_matches_masked_path_on_cuda():
-    from peftcli.kernels import varlen
+    from peftcli.models.kernels import varlen
 
     torch.manual_seed(0)
     lengths = [37, 200, 5, 120]
@@ -175,7 +177,7 @@ def test_flash_varlen_matches_masked_path_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen kernel: CUDA only")
 def test_varlen_takes_the_flash_kernel_for_an_fp32_model_under_autocast(tiny_llama, monkeypatch):
     """fp32 weights + bf16 autocast (train.bf16 on an fp32 model) must still reach the flash kernel."""
-    from peftcli.kernels import varlen
+    from peftcli.models.kernels import varlen
 
     calls = []
     flash = varlen._flash

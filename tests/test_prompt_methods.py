@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from peftcli import runs
 from peftcli.methods import METHODS
 from peftcli.methods.prefix import split_states
+from peftcli.methods.install import prepare_model
 
 PROMPT_METHODS = ["prefix_tuning", "prompt_tuning", "soft_trigger_tokens", "p_tuning", "p_tuning_v2"]
 TEXT = "write a response"
@@ -23,7 +23,7 @@ def bert(folder):
 
 
 def injected(load, folder, name, **options):
-    return runs.prepare_model(load(folder), name, METHODS[name].config_cls(**options)).eval()
+    return prepare_model(load(folder), name, METHODS[name].config_cls(**options)).eval()
 
 
 def word_ids(folder, text=TEXT):

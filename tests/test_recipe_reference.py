@@ -5,7 +5,9 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from peftcli.recipe import SECTIONS, DistillSection, LayerDropSection
+from peftcli.config.recipe import SECTIONS
+
+from peftcli.config.sections import DistillSection, LayerDropSection
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recipe_reference.py"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli import checkpoint
+from peftcli.training import checkpoints as checkpoint
 from runhelp import REPO, run_cli, run_subprocess, step_losses, write_recipe
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from peftcli.kernels import rope
-from peftcli.kernels.fused import triton
-from peftcli.speedups import use_fused_kernels
+from peftcli.models.kernels import rope
+from peftcli.models.kernels.fused import triton
+from peftcli.models.speedups import use_fused_kernels
 
 ORIGINAL = modeling_llama.apply_rotary_pos_emb
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftcli import checkpoint
+from peftcli.training import checkpoints as checkpoint
 from runhelp import run_cli, run_subprocess, write_recipe
 
 CANARIES = {"HF_TOKEN": "hf_canary_7f3a9c", "WANDB_API_KEY": "wandb_canary_51be2d",
@@ -63,7 +63,7 @@ def stopped_line(result) -> str:
 
 
 def _failing_compute_loss(monkeypatch, at_call: int, failure):
-    from peftcli.trainer import PeftTrainer
+    from peftcli.training.trainer import PeftTrainer
 
     original, calls = PeftTrainer.compute_loss, []
 
@@ -116,7 +116,7 @@ def test_env_secrets_cannot_be_interpolated_into_a_recipe(name, tiny_bert, tmp_p
 def test_deepspeed_settings_that_disagree_with_the_recipe_give_a_one_line_error():
     """transformers raises a ValueError listing the DeepSpeed settings the recipe contradicts; peft train turns it
     into exit 2 with the fix."""
-    from peftcli.resilience import deepspeed_mismatch_message
+    from peftcli.training.crash_safety import deepspeed_mismatch_message
 
     text = ("Please correct the following DeepSpeed config values that mismatch TrainingArguments values:\n"
             "- ds bf16.enabled=True vs hf bf16|bf16_full_eval=False\n"

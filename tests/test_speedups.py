@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from peftcli.kernels.fused import rms_norm, swiglu, triton_available
-from peftcli.speedups import FusedRMSNorm, FusedSwiGLUMLP, use_fused_kernels
+from peftcli.models.kernels.fused import rms_norm, swiglu, triton_available
+from peftcli.models.speedups import FusedRMSNorm, FusedSwiGLUMLP, use_fused_kernels
+from peftcli.methods.install import prepare_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -53,12 +54,11 @@ def test_triton_path_taken_and_bitwise_forward_on_cuda():
 def test_swap_keeps_names_and_outputs(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from peftcli import runs
     from peftcli.methods.lora import LoraConfig
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     ids = torch.randint(8, 60, (2, 10), generator=torch.Generator().manual_seed(0))
-    model = runs.prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "lora",
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "lora",
                                LoraConfig(target_modules="all-linear"))
     keys = set(model.state_dict())
     want = model(input_ids=ids, labels=ids)
@@ -84,7 +84,7 @@ def test_recipe_option_fused_kernels_trains_and_reloads(tiny_llama, tiny_bert, t
 
     import json
 
-    from peftcli.runs import load_trained
+    from peftcli.runs.folder import load_trained
     from runhelp import run_cli
 
     alpaca = tmp_path / "alpaca.json"
@@ -115,8 +115,8 @@ def test_recipe_option_fused_kernels_trains_and_reloads(tiny_llama, tiny_bert, t
 def test_fused_kernels_unset_means_wherever_they_can_run(tiny_llama, tiny_bert, monkeypatch):
     """Left unset, the kernels go in where CUDA and Triton are (faked here), and a model with nothing to fuse keeps
     its own modules without an error; `false` keeps them out even then; on a CPU-only machine nothing changes."""
-    from peftcli import models
-    from peftcli.recipe import ModelSection
+    from peftcli.models import loading as models
+    from peftcli.config.sections import ModelSection
 
     def load(path, task, **options):
         return models.load_model(ModelSection(name_or_path=str(path), task=task, **options), num_labels=2)

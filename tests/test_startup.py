@@ -12,7 +12,7 @@ import pytest
 from transformers import TrainerCallback
 
 from peftcli.methods.registry import MethodCallback
-from peftcli.schema import init_field_names
+from peftcli.config.schema import init_field_names
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the real CLI in a fresh interpreter, then reports which heavy top-level packages it imported.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 import test_lifecycle as lc
-from peftcli import runs
 from peftcli.methods.svd import SvdConfig, SvdLinear, compression_report, rank_for
+from peftcli.methods.install import prepare_model
 
 
 def weight_with_spectrum(sigma: torch.Tensor, out_f: int = 12, in_f: int = 10) -> torch.Tensor:
@@ -37,7 +37,7 @@ def test_rank_k_error_is_the_dropped_energy():
 
 def test_compression_report(tiny_bert):
     cfg = SvdConfig(rank=4, target_modules=["intermediate.dense"])
-    model = runs.prepare_model(lc.load_base(tiny_bert, "sequence-classification"), "svd", cfg)
+    model = prepare_model(lc.load_base(tiny_bert, "sequence-classification"), "svd", cfg)
     report = compression_report(model)
     assert report["compressed_layers"] == 2
     assert report["dense_params"] == 2 * 32 * 64 and report["factored_params"] == 2 * 4 * (32 + 64)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcli import runs
 from peftcli.methods import METHODS
-from peftcli.models import auto_class
+from peftcli.models.loading import auto_class
 
 from method_configs import lifecycle_config
+from peftcli.methods.install import prepare_model
 
 CAUSAL = [name for name, m in METHODS.items() if "causal-lm" in m.tasks]
 
@@ -17,7 +17,7 @@ CAUSAL = [name for name, m in METHODS.items() if "causal-lm" in m.tasks]
 @pytest.mark.parametrize("name", CAUSAL)
 def test_one_step_under_bf16_autocast(name, tiny_llama, tmp_path):
     cfg = lifecycle_config(name, METHODS[name], tiny_llama, "causal-lm", tmp_path)
-    model = runs.prepare_model(auto_class("causal-lm").from_pretrained(tiny_llama), name, cfg)
+    model = prepare_model(auto_class("causal-lm").from_pretrained(tiny_llama), name, cfg)
     ids = torch.randint(5, 50, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
@@ -37,7 +37,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, tiny_llama, tmp_p
     for checkpointing in (False, True):
         torch.manual_seed(0)
         cfg = lifecycle_config(name, METHODS[name], tiny_llama, "causal-lm", tmp_path / str(checkpointing))
-        model = runs.prepare_model(auto_class("causal-lm").from_pretrained(tiny_llama), name, cfg)
+        model = prepare_model(auto_class("causal-lm").from_pretrained(tiny_llama), name, cfg)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.eval()  # dropout/routing off; checkpointing in transformers follows the flag, not .training

@@ -5,15 +5,15 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from peftcli import runs
 from peftcli.methods.lora import LoraConfig
-from peftcli.tasks import make_collator
-from peftcli.trainer import PeftTrainer
+from peftcli.data.collators import make_collator
+from peftcli.training.trainer import PeftTrainer
 from tiny import make_tokenizer
+from peftcli.methods.install import prepare_model
 
 
 def lora_llama(folder, dropout=0.0):
-    model = runs.prepare_model(AutoModelForCausalLM.from_pretrained(folder), "lora",
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(folder), "lora",
                                LoraConfig(target_modules="all-linear", dropout=dropout))
     with torch.no_grad():  # B != 0 so gradients flow through every adapter into earlier layers
         for name, p in model.named_parameters():

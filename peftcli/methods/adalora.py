@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, fraction, open_fraction, positive
+from ..config.schema import field, fraction, open_fraction, positive
 from .lora import DEFAULT_TARGETS, LoraLinear
-from .registry import Method, MethodCallback, match_targets, replace_module, target_error
+from .registry import Method, MethodCallback, match_targets, target_error
+from ..models.modules import replace_module
 
 logger = logging.getLogger("peftcli")
 RANKS_FILE = "adalora_ranks.json"
@@ -61,7 +62,7 @@ class AdaLoraLinear(LoraLinear):
         return self.lora_B * (self.lora_E * self.adalora_mask)[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import lora_linear
+        from ..models.kernels import lora_linear
 
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.effective_b(), self.scale, self.dropout_p,
                            self.training)
@@ -192,7 +193,7 @@ class BudgetCallback(MethodCallback):
         ranks = self.ranks()
         logger.info("adalora final ranks (total %d, budget %d): %s", sum(ranks.values()), self.target, ranks)
         if state.is_world_process_zero:
-            from ..runs import atomic_write
+            from ..files import atomic_write
 
             atomic_write(os.path.join(args.output_dir, RANKS_FILE), json.dumps(
                 {"total_rank": sum(ranks.values()), "target_budget": self.target, "ranks": ranks}, indent=2))

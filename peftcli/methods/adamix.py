@@ -8,11 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..schema import field, non_negative, positive
+from ..config.schema import field, non_negative, positive
 from . import bottleneck as bn
 from .adapter import UNMERGEABLE
 from .lora import DEFAULT_TARGETS
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, match_targets, target_error
+from ..models.modules import replace_module
 
 # Sec. 3.2: every training step runs the whole model twice, each pass on its own random routes, and adds the
 # weighted symmetric KL between the two output distributions (MSE for a regression head) to the first pass's

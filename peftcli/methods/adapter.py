@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from ..schema import field, non_negative, positive
+from ..config.schema import field, non_negative, positive
 from . import bottleneck as bn
 from .registry import Method
 

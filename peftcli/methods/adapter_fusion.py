@@ -11,13 +11,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field
+from ..files import TENSORS, read_record
+from ..config.schema import field
 from . import bottleneck as bn
-from .adapter import UNMERGEABLE, resolved
+from .adapter import UNMERGEABLE, AdapterConfig, AdapterDropConfig, resolved
 from .registry import Method
 
 logger = logging.getLogger("peftcli")
-SOURCE_METHODS = ("adapter", "adapter_drop")
+SOURCE_CONFIGS = {"adapter": AdapterConfig, "adapter_drop": AdapterDropConfig}
+SOURCE_METHODS = tuple(SOURCE_CONFIGS)
 # The sources' placement and shapes, saved with the run as JSON bytes (a uint8 tensor) beside the frozen source
 # tensors, so the run rebuilds after its source runs are moved or deleted.
 SPEC_KEY = "adapter_fusion.spec"
@@ -66,22 +68,21 @@ class Fusion(nn.Module):
 def read_sources(cfg: AdapterFusionConfig, dim: int) -> tuple[dict, list[Path]]:
     """The spec (shared placement; each source's bottleneck size and nonlinearity) and the tensor files of the
     listed runs."""
-    from ..runs import TENSORS, read_run
-
     adapters, placements, files = [], set(), []
     for source in cfg.sources:
         try:
-            recipe, record = read_run(source)
+            record = read_record(source)
         except UserError as exc:  # name the recipe key, so users know which line to fix
             raise UserError(f"method.sources: {exc} (train the source runs first)") from None
         if record["method"] not in SOURCE_METHODS:
             raise UserError(f"method.sources: {source} is a '{record['method']}' run; fuse runs of "
                             f"{' or '.join(SOURCE_METHODS)}")
-        size, placement, norms = resolved(recipe.method, dim)
+        source_cfg = SOURCE_CONFIGS[record["method"]](**record["config"])  # method.json: the resolved config
+        size, placement, norms = resolved(source_cfg, dim)
         if norms:
             raise UserError(f"method.sources: {source} trained block norms (houlsby); fuse adapters trained with "
                             f"variant: pfeiffer or train_norms: false, whose base norms they share")
-        adapters.append({"bottleneck_size": size, "nonlinearity": recipe.method.nonlinearity})
+        adapters.append({"bottleneck_size": size, "nonlinearity": source_cfg.nonlinearity})
         placements.add(tuple(placement))
         files.append(Path(source) / TENSORS)
     if len(placements) > 1:

@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field
+from ..config.schema import field
 from .registry import Method
 
 

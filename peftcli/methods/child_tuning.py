@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field
-from .registry import HEAD_NAMES, Method, MethodCallback
+from ..config.schema import field
+from ..models.heads import HEAD_NAMES
+from .registry import Method, MethodCallback
 
 MASK_PREFIX = "child_mask_"
 

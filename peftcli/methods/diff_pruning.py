@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, non_negative
-from .registry import Method, MethodCallback, match_targets, replace_module, target_error
+from ..config.schema import field, non_negative
+from .registry import Method, MethodCallback, match_targets, target_error
+from ..models.modules import replace_module
 
 logger = logging.getLogger("peftcli")
 REPORT_FILE = "diff_pruning.json"
@@ -185,7 +186,7 @@ class ProjectCallback(MethodCallback):
         logger.info("diff pruning: kept %d of %d diff entries (density %.4f)", report["nonzero"],
                     report["diff_params"], report["density"])
         if state.is_world_process_zero:
-            from ..runs import atomic_write
+            from ..files import atomic_write
 
             atomic_write(os.path.join(args.output_dir, REPORT_FILE), json.dumps(report, indent=2))
 

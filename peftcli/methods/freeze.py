@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, non_negative
+from ..config.schema import field, non_negative
 from .registry import Method, layer_index, num_layers
 
 

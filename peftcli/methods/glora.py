@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, positive
+from ..config.schema import field, positive
 from .lora import DEFAULT_TARGETS
-from .registry import Method, MethodCallback, match_targets, replace_module, target_error
+from .registry import Method, MethodCallback, match_targets, target_error
+from ..models.modules import replace_module
 
 # Path choices per component (paper Sec. 3, Table 1 search space): A and B scale / shift the weight, C is a
 # prompt in input space projected by W0, D and E scale / shift the bias and have no low-rank form. "lora" is the

@@ -8,8 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
-from ..schema import field
-from .registry import Method, match_targets, replace_module, target_error
+from ..config.schema import field
+from .registry import Method, match_targets, target_error
+from ..models.modules import replace_module
 
 # Keys and values of attention plus the FFN's down projection (Liu et al. 2022, Sec. 3.3: l_k, l_v, l_ff),
 # under BERT, Llama/Mistral and OPT/GPT-J names. BERT's FFN output is `layer.N.output.dense`, not the

@@ -10,9 +10,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
-from ..schema import field, open_fraction, positive
+from ..config.schema import field, open_fraction, positive
 from .lora_layers import LoraConv1D, LoraEmbedding, LoraLinear
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, match_targets, target_error
+from ..models.modules import replace_module
 
 __all__ = ["DEFAULT_TARGETS", "LoraConfig", "LoraLinear", "LoraConv1D", "LoraEmbedding", "lora_scale",
            "module_rank_alpha", "METHOD"]

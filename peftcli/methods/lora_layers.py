@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from ..kernels import lora_linear
-from ..kernels.lora import mm_fp32
+from ..models.kernels import lora_linear
+from ..models.kernels.lora import mm_fp32
 
 
 class LoraLinear(nn.Linear):

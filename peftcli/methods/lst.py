@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, positive
+from ..config.schema import field, positive
 from . import bottleneck as bn
 from . import lst_blocks as blocks
 from .prefix import is_causal

@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import nn
 
-from ..schema import field, positive
+from ..config.schema import field, positive
 from . import bottleneck as bn
 from .parallel_adapter import ParallelAdapterConfig
 from .parallel_adapter import inject as inject_parallel

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, non_negative, positive
+from ..config.schema import field, non_negative, positive
 from .prefix import is_causal
 from .prefix_tuning import MERGE_HINT
 from .prompt_inputs import PromptSource, init_embeddings, install_prompts

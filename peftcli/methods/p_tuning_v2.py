@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import nn
 
-from ..schema import field, positive
+from ..config.schema import field, positive
 from .prefix import install_prefix
 from .prefix_tuning import MERGE_HINT, PrefixEncoder, plain_prefixes
 from .registry import Method

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..schema import field, non_negative, positive
+from ..config.schema import field, non_negative, positive
 from . import bottleneck as bn
 from .adapter import UNMERGEABLE, check_placement
 from .registry import Method

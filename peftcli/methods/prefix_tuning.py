@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..schema import field, positive
+from ..config.schema import field, positive
 from .prefix import PrefixSource, install_prefix, kv_geometry, split_states
 from .registry import Method
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..schema import field, positive
+from ..config.schema import field, positive
 from .prefix import is_causal
 from .prefix_tuning import MERGE_HINT
 from .prompt_inputs import PromptSource, init_embeddings, install_prompts

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, open_fraction, positive
+from ..config.schema import field, open_fraction, positive
 from .lora import DEFAULT_TARGETS
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, match_targets, target_error
+from ..models.modules import replace_module
 
 logger = logging.getLogger("peftcli")
 # NF4 block size 64 and second-level (double quantisation) block 256: QLoRA Sec. 3.

@@ -10,8 +10,6 @@ from torch import nn
 
 ALL_TASKS = frozenset({"sequence-classification", "causal-lm", "token-classification", "seq2seq",
                        "image-classification"})
-# Task heads are always trained and saved with any method: they are new (randomly initialised) for the task.
-HEAD_NAMES = ("classifier", "score")
 # Output projections that `all-linear` leaves alone: tying them to the vocabulary makes them heads, not layers.
 OUTPUT_LAYER_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler.dense")
 
@@ -66,28 +64,8 @@ def freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def unfreeze_head(model: nn.Module) -> list[str]:
-    """Train the task head (classifier / score); returns the names of its parameters."""
-    names = []
-    for name, p in model.named_parameters():
-        if any(part in HEAD_NAMES for part in name.split(".")[:-1]):
-            p.requires_grad_(True)
-            names.append(name)
-    return names
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, child = get_submodule_parent(model, name)
-    setattr(parent, child, new)
 
 
 def linear_names(model: nn.Module, kinds=(nn.Linear,)) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from ..schema import field, positive
+from ..config.schema import field, positive
 from .prefix_tuning import MERGE_HINT
 from .prompt_inputs import init_embeddings, install_prompts
 from .prompt_tuning import TASKS, SoftPrompt

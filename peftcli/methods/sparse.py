@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, open_fraction
+from ..config.schema import field, open_fraction
 from .registry import Method, MethodCallback, match_targets, target_error
 
 MASK = "sparse_mask"
@@ -121,7 +121,7 @@ class SparseCallback(MethodCallback):
         sparsity = achieved_sparsity(model)
         state.log_history.append({"step": state.global_step, "achieved_sparsity": sparsity})
         if state.is_world_process_zero:
-            from ..runs import atomic_write
+            from ..files import atomic_write
 
             os.makedirs(args.output_dir, exist_ok=True)
             atomic_write(os.path.join(args.output_dir, "sparsity.json"),

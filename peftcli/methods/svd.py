@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, non_negative, positive
-from .registry import Method, MethodCallback, match_targets, replace_module, target_error
+from ..config.schema import field, non_negative, positive
+from .registry import Method, MethodCallback, match_targets, target_error
+from ..models.modules import replace_module
 
 logger = logging.getLogger("peftcli")
 REPORT_FILE = "svd.json"
@@ -140,7 +141,7 @@ class ReportCallback(MethodCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from ..runs import atomic_write
+            from ..files import atomic_write
 
             report = compression_report(self.model)
             if report["compression_ratio"] < 1:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, fraction, positive
+from ..config.schema import field, fraction, positive
 from .prompt_inputs import COMMON_TOKENS, PromptSource, install_prompts, text_ids, usable_token_ids
 from .registry import Method, MethodCallback
 from .soft_trigger_tokens import POSITION_DOC

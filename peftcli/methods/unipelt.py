@@ -9,12 +9,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
-from ..schema import field, positive
+from ..config.schema import field, positive
 from . import bottleneck as bn
 from .lora import DEFAULT_TARGETS
 from .prefix import PrefixLayer, install_prefix
 from .prefix_tuning import PrefixEncoder, plain_prefixes
-from .registry import Method, match_targets, replace_module, target_error
+from .registry import Method, match_targets, target_error
+from ..models.modules import replace_module
 from .signatures import cache_argument, require_hidden_states_first
 
 

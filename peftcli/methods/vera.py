@@ -9,8 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
-from ..schema import field, non_negative, open_fraction, positive
-from .registry import Method, match_targets, replace_module, target_error
+from ..config.schema import field, non_negative, open_fraction, positive
+from .registry import Method, match_targets, target_error
+from ..models.modules import replace_module
 
 # Query and value projections, where the paper applies VeRA (Sec. 4.1).
 DEFAULT_TARGETS = ["query", "value", "q_proj", "v_proj"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schema import field, positive
+from ..config.schema import field, positive
 from .prefix_tuning import MERGE_HINT
 from .registry import Method
 from .signatures import require_hidden_states_first

@@ -1,1 +1,0 @@
-"""Optimizer construction: rule-based LR groups (and importance-scored LR scaling)."""
