@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftcli import multitask
+from peftcli.data.multitask import TaskBatchSampler, TaskInfo
 from peftcli.runs.folder import load_trained
 from peftcli.errors import UserError
 from peftcli.methods import METHODS
@@ -119,7 +119,7 @@ def test_resume_mid_second_epoch_is_exact(tiny_bert, data, tmp_path):
 
 
 def batches(strategy, sizes=(40, 12, 4), batch_size=4, temperature=1.0, seed=0, epoch=0):
-    sampler = multitask.TaskBatchSampler(list(sizes), batch_size, strategy, temperature, seed)
+    sampler = TaskBatchSampler(list(sizes), batch_size, strategy, temperature, seed)
     sampler.set_epoch(epoch)
     offsets = np.cumsum([0, *sizes[:-1]])
     task_of = lambda index: int(np.searchsorted(offsets, index, side="right") - 1)  # noqa: E731
@@ -169,12 +169,12 @@ def task_model(folder, tasks, method="lora", cfg=None, share=False):
     recipe = SimpleNamespace(method_name=method, method=cfg or LoraConfig(r=4, target_modules=["query", "value"]),
                              share_across_layers=share)
     base = auto_class(TASK).from_pretrained(folder)
-    return multitask.prepare_task_model(base, recipe, tasks)
+    return prepare_model(base, recipe.method_name, recipe.method, recipe.share_across_layers, tasks)
 
 
 def two_tasks():
-    return [multitask.TaskInfo("a", 0, ["x", "y"], 2, ["accuracy"]),
-            multitask.TaskInfo("b", 1, ["p", "q", "r", "s"], 4, ["accuracy"])]
+    return [TaskInfo("a", 0, ["x", "y"], 2, ["accuracy"]),
+            TaskInfo("b", 1, ["p", "q", "r", "s"], 4, ["accuracy"])]
 
 
 def test_heads_are_separate_and_method_tensors_shared(tiny_bert):

@@ -7,12 +7,12 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from ..errors import UserError
-from .schema import Where, build, check_keys, did_you_mean, init_field_names
+from .schema import Where, build, check_keys, did_you_mean, init_field_names, non_negative, positive
 from .yamlio import LocDict, parse_scalar, read_yaml_file
 
 from .sections import DataSection, DistillSection, EvalSection, LayerDropSection, ModelSection, OptimSection

@@ -3,7 +3,7 @@ range-checked where it is declared."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from .schema import field, fraction, non_negative, open_fraction, positive
 

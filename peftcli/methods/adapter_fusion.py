@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserError
-from ..files import TENSORS, read_record
-from ..config.schema import field
+from ..config.schema import Where, build, field
+from ..config.yamlio import read_yaml_file
+from ..files import RECIPE, TENSORS, read_record
 from . import bottleneck as bn
 from .adapter import UNMERGEABLE, AdapterConfig, AdapterDropConfig, resolved
 from .registry import Method
@@ -77,7 +78,7 @@ def read_sources(cfg: AdapterFusionConfig, dim: int) -> tuple[dict, list[Path]]:
         if record["method"] not in SOURCE_METHODS:
             raise UserError(f"method.sources: {source} is a '{record['method']}' run; fuse runs of "
                             f"{' or '.join(SOURCE_METHODS)}")
-        source_cfg = SOURCE_CONFIGS[record["method"]](**record["config"])  # method.json: the resolved config
+        source_cfg = source_config(Path(source), record["method"])
         size, placement, norms = resolved(source_cfg, dim)
         if norms:
             raise UserError(f"method.sources: {source} trained block norms (houlsby); fuse adapters trained with "
@@ -89,6 +90,14 @@ def read_sources(cfg: AdapterFusionConfig, dim: int) -> tuple[dict, list[Path]]:
         raise UserError(f"method.sources: the runs place adapters differently ({sorted(placements)}); fuse runs "
                         f"with the same placement")
     return {"placement": list(placements.pop()), "adapters": adapters}, files
+
+
+def source_config(run_dir: Path, method: str):
+    """The source run's method settings, read back from the recipe it saved."""
+    path = run_dir / RECIPE
+    section = read_yaml_file(path).get("method") or {}
+    options = {k: v for k, v in section.items() if k not in ("name", "share_across_layers")}
+    return build(SOURCE_CONFIGS[method], options, Where(str(path), "method"))
 
 
 def inject(model: nn.Module, cfg: AdapterFusionConfig) -> nn.Module:

@@ -7,7 +7,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config.recipe import Recipe
