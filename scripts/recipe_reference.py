@@ -12,7 +12,7 @@ from peftcli.methods import METHODS  # noqa: E402
 from peftcli.config.sections import DataSection, DistillSection, EvalSection, ImportanceSection, LayerDropSection, LrGroupRule, ModelSection, OptimSection, TaskDataSection
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "RECIPE.md"
-# Sections that combine with any method (peftcli/extras.py); absent = off.
+# Sections that combine with any method (peftcli/training/layerdrop.py, distill.py); absent = off.
 EXTRAS = (
     ("layerdrop", LayerDropSection,
      "Skips whole transformer layers at random while training (Fan et al. 2019, LayerDrop); `prune_layers` then "

@@ -1,4 +1,4 @@
-"""METHODS: the one explicit list of registered PEFT methods (adding a method = one file + one line here)."""
+"""Layer 4, methods. METHODS: the one explicit list of registered PEFT methods (adding a method = one file + one line here)."""
 from __future__ import annotations
 
 from ..errors import UserError
