@@ -49,6 +49,12 @@ TASKS = {
     "SST-2": {"text": "sentence", "label": "label", "metrics": ["accuracy"]},
     "MRPC": {"text": "#1 String", "text_pair": "#2 String", "label": "Quality", "metrics": ["accuracy", "f1"]},
     "RTE": {"text": "sentence1", "text_pair": "sentence2", "label": "label", "metrics": ["accuracy"]},
+    # STS-B: a 0-5 similarity score, trained as regression; GLUE reports Pearson and Spearman.
+    "STS-B": {"text": "sentence1", "text_pair": "sentence2", "label": "score", "metrics": ["pearson", "spearman"],
+              "sets": ["model.num_labels=1"]},
+    # CoLA's files have no header: source, label, original label mark, sentence.
+    "CoLA": {"text": "sentence", "label": "label", "metrics": ["mcc"],
+             "sets": ["data.columns=[source, label, orig_label, sentence]"]},
 }
 SOURCE_RUN = re.compile(r"^runs/(sst2[-_][\w-]+)$")  # how a recipe names another recipe's run
 GLORA_SEARCHED = "glora-searched"  # method key of GLoRA's supernet -> search -> fine-tune job
@@ -79,6 +85,7 @@ def task_overrides(task: str, data: Path, model: str | None, seed: int, rows: in
             "data.limit={}" if rows is None else f"data.limit={{train: {rows}}}"]
     if "text_pair" in spec:
         sets += [f"data.text_pair={quoted(spec['text_pair'])}", "data.max_length=128"]
+    sets += spec.get("sets", [])
     if model:
         sets.append(f"model.name_or_path={quoted(model)}")
     return sets
@@ -258,7 +265,8 @@ def without_done(jobs: list[dict], done: set[str], root: Path) -> list[dict]:
 
 
 def glue_score(metrics: dict, task: str) -> float:
-    """GLUE's per-task score: MRPC averages accuracy and F1, the others are accuracy."""
+    """GLUE's per-task score: the mean of the task's metrics (MRPC: accuracy and F1; STS-B: Pearson and
+    Spearman; CoLA: Matthews correlation; the others accuracy)."""
     names = TASKS[task]["metrics"]
     return statistics.fmean(metrics.get(f"eval_{n}", metrics.get(n, 0.0)) for n in names)
 

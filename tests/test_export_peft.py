@@ -79,8 +79,9 @@ def test_peft_loads_the_export_and_reproduces_outputs(case, task, tiny_models, t
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == {"lora": "LORA", "ia3": "IA3", "vera": "VERA"}[method["name"]]
     if task == "sequence-classification":
-        assert config["modules_to_save"] == ["classifier"]
-        assert "base_model.model.classifier.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+        assert config["modules_to_save"] == ["bert.pooler", "classifier"]  # the whole head: pooler + classifier
+        saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+        assert {"base_model.model.classifier.weight", "base_model.model.bert.pooler.dense.weight"} <= set(saved)
     torch.testing.assert_close(peft_outputs(folder, task, tmp_path / "peft"), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -123,8 +124,8 @@ def test_adalora_exports_with_rank_pattern_and_reproduces_outputs(task, targets,
         assert tensors[f"{key}.lora_E"].shape == (r, 1)
         assert tensors[f"{key}.lora_A"].shape[0] == r and tensors[f"{key}.lora_B"].shape[1] == r
     if task == "sequence-classification":
-        assert config["modules_to_save"] == ["classifier"]
-        assert "base_model.model.classifier.weight" in tensors
+        assert config["modules_to_save"] == ["bert.pooler", "classifier"]
+        assert {"base_model.model.classifier.weight", "base_model.model.bert.pooler.dense.weight"} <= set(tensors)
     loaded = peft.PeftModel.from_pretrained(lc.load_base(folder, task), str(tmp_path / "peft")).eval()
     layer = loaded.base_model.model.get_submodule(next(n for n, r in ranks.items() if 0 < r < 6))
     assert layer.lora_E["default"].shape[0] < 6 and float(layer.ranknum["default"]) == 6.0

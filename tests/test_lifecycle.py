@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftcli.methods import METHODS
-from peftcli.models.heads import HEAD_NAMES
+from peftcli.models.heads import in_head, trained_head
 from peftcli.models.loading import auto_class
 
 from method_configs import lifecycle_config
@@ -64,7 +64,10 @@ def test_method_lifecycle(name, task, tiny_models, tmp_path):
     base_out = outputs(load_base(folder, task), sample_inputs(task))
     model = prepare_model(load_base(folder, task), name, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    head = {n for n in trainable if any(h in n.split(".") for h in HEAD_NAMES)}
+    head = {n for n in trainable if in_head(n, trained_head(model))}
+    if task == "sequence-classification":  # BERT reads [CLS] through its pooler: part of the head it trains
+        assert {"bert.pooler", "classifier"} <= set(trained_head(model)), f"{name} left the head frozen"
+        assert {n for n, _ in model.named_parameters() if in_head(n, ["bert.pooler", "classifier"])} <= head
     # A discrete method (trigger_tokens: vocabulary ids found by search) trains only the head by gradient; its
     # own trained state is integer extra_state, which must then exist and is what gets perturbed.
     assert trainable - head or method.extra_state, f"{name} made nothing trainable besides the head"

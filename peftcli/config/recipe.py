@@ -75,6 +75,7 @@ def recipe_from_dict(data, source: str, recipe_dir: Path, methods: Mapping, over
     optim = build(OptimSection, data.get("optim"), root.child("optim", data))
     eval_section = build(EvalSection, data.get("eval"), root.child("eval", data))
     check_model_safety(model, root.child("model", data))
+    check_pooling(model, root.child("model", data), data["model"])
     check_packing(model, data_section, method_name, root.child("data", data), data["data"])
     raw = plain(data)
     raw["train"] = {**(raw.get("train") or {}), "output_dir": train["output_dir"]}  # `train:` may be empty
@@ -202,6 +203,12 @@ def check_model_safety(model: ModelSection, where: Where) -> None:
     if model.trust_remote_code and not model.revision:
         raise where.error("trust_remote_code: true runs the model repository's code: pin it with "
                           "'revision: <commit sha>' (or set trust_remote_code: false)")
+
+
+def check_pooling(model: ModelSection, where: Where, section) -> None:
+    if model.pooling not in ("auto", "pooler") and model.task != "sequence-classification":
+        raise where.child("pooling", section).error(
+            f"{model.pooling} pooling applies to sequence-classification; for {model.task} leave it at auto")
 
 
 def interpolate(value, where: Where, recipe_dir: Path):

@@ -31,6 +31,15 @@ class ModelSection:
     chunked_loss: bool = field(True, doc="causal-lm training: cross entropy from the hidden states chunk by chunk, "
                                          "never the full logits (same loss; Llama/Mistral/Qwen/Phi-3/OLMo-2/Gemma)")
     allow_pickle: bool = field(False, doc="allow pickle-based weight files (.bin/.pt): they can run code on load")
+    head: Literal["auto", "classifier", "none"] = field(
+        "auto", doc="what trains besides the method (classification tasks): auto = the architecture's whole task "
+                    "head (e.g. BERT's pooler + classifier, RoBERTa's classifier, Llama's score); classifier = "
+                    "only the modules beside the backbone; none = nothing (a base whose head is already trained)")
+    pooling: Literal["auto", "pooler", "cls", "mean", "max", "last"] = field(
+        "auto", doc="the vector the sequence-classification head reads: auto = the pooling the model folder "
+                    "declares (sentence-transformers' 1_Pooling), else pooler = the architecture's own ([CLS] "
+                    "through BERT's pooler, Llama's last token); cls | mean | max | last over the tokens. Only "
+                    "pooler merges into a plain HF model")
 
 
 @dataclasses.dataclass

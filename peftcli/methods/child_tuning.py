@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..config.schema import field
-from ..models.heads import HEAD_NAMES
+from ..models.heads import in_head, trained_head
 from .registry import Method, MethodCallback
 
 MASK_PREFIX = "child_mask_"
@@ -30,8 +30,8 @@ class ChildTuningConfig:
 
 def masked_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The pre-trained parameters Child-Tuning masks; the new task head always trains fully."""
-    return [(n, p) for n, p in model.named_parameters()
-            if p.requires_grad and not any(part in HEAD_NAMES for part in n.split(".")[:-1])]
+    head = trained_head(model)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and not in_head(n, head)]
 
 
 def inject(model: nn.Module, cfg: ChildTuningConfig) -> nn.Module:

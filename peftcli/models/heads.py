@@ -11,18 +11,44 @@ from ..data.multitask import TASK_IDS, TaskInfo
 from ..errors import UserError
 from .modules import replace_module
 
-# Task heads are always trained and saved with any method: they are new (randomly initialised) for the task.
-HEAD_NAMES = ("classifier", "score")
+HEAD_CHOICES = ("auto", "classifier", "none")
 
 
-def unfreeze_head(model: nn.Module) -> list[str]:
-    """Train the task head (classifier / score); returns the names of its parameters."""
-    names = []
-    for name, p in model.named_parameters():
-        if any(part in HEAD_NAMES for part in name.split(".")[:-1]):
-            p.requires_grad_(True)
-            names.append(name)
+def head_modules(model: nn.Module, head: str = "auto") -> list[str]:
+    """The task head as the architecture defines it, by module name: what the task model adds beside its backbone
+    (`classifier`, `score`, `pre_classifier`...) and, with `auto`, the backbone's pooler that feeds it (BERT and
+    ELECTRA-style models read [CLS] through a dense + tanh pooler that PEFT methods would otherwise leave frozen).
+    Read from the model before a method adds modules of its own. Causal-LM models have no task head: their
+    output layer is pretrained, and often tied to the embeddings."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if head == "none" or not isinstance(backbone, nn.Module) or model.get_output_embeddings() is not None:
+        return []
+    names = [name for name, child in model.named_children()
+             if name != prefix and next(child.parameters(), None) is not None]
+    pooler = getattr(backbone, "pooler", None)
+    if head == "auto" and isinstance(pooler, nn.Module) and next(pooler.parameters(), None) is not None:
+        names.append(f"{prefix}.pooler")
     return names
+
+
+def unfreeze_head(model: nn.Module, names: list[str]) -> list[str]:
+    """Train the head modules (after the method is injected: a method that wraps one trains along); returns the
+    names of their parameters."""
+    for name in names:
+        model.get_submodule(name).requires_grad_(True)
+    return [n for n, _ in model.named_parameters() if in_head(n, names)]
+
+
+def in_head(param_name: str, names) -> bool:
+    return any(param_name.startswith(f"{name}.") for name in names)
+
+
+def trained_head(model: nn.Module) -> list[str]:
+    """The head modules a prepared model trains (recorded by prepare_model; DDP/FSDP wrappers looked through)."""
+    while not hasattr(model, "peft_head") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return list(getattr(model, "peft_head", []))
 
 
 class TaskHeads(nn.Module):
@@ -62,11 +88,13 @@ def fresh_head(template: nn.Module, num_labels: int, init_std: float) -> nn.Modu
 
 
 def head_name(model: nn.Module) -> str:
-    for name in HEAD_NAMES:
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    raise UserError(f"model.name_or_path: {type(model).__name__} has no classification head named "
-                    f"{' or '.join(HEAD_NAMES)}; data.tasks cannot give it one head per task")
+    """The module multi-task runs replace by one head per task: the task model's output layer beside its backbone
+    (the last of them: DistilBERT's `classifier` after its `pre_classifier`)."""
+    outside = [name for name in head_modules(model, "classifier")]
+    if not outside:
+        raise UserError(f"model.name_or_path: {type(model).__name__} has no classification head beside its "
+                        f"backbone; data.tasks cannot give it one head per task")
+    return outside[-1]
 
 
 def task_heads(model: nn.Module) -> TaskHeads:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..config.sections import ModelSection
+from ..errors import UserError
+from .pooling import install_pooling, resolve_pooling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -44,6 +45,23 @@ def resolve_model_path(spec: str) -> str:
                             f"(and name a GGUF file with model.gguf_file)")
         return str(path.resolve())
     return spec  # a hub id
+
+
+def pooling_of(model: ModelSection) -> str:
+    """The pooling a run's head reads, `auto` resolved (see models/pooling.py)."""
+    return resolve_pooling(model.pooling, resolve_model_path(model.name_or_path), model.task)
+
+
+def refuse_unmergeable_pooling(model: ModelSection, command: str) -> None:
+    """A plain HF model (merge-export) or an HF peft adapter (export) reads the architecture's own pooled vector:
+    a run trained on another pooling would give other predictions there."""
+    pooling = pooling_of(model)
+    if pooling != "pooler":
+        source = "the model folder's 1_Pooling config (model.pooling: auto)" if model.pooling == "auto" else \
+            f"model.pooling: {pooling}"
+        raise UserError(f"{command}: this run's head reads {pooling}-pooled tokens ({source}), which a plain "
+                        f"{model.task} model cannot express; score it with `peft eval`, or train with "
+                        f"model.pooling: pooler to export")
 
 
 def check_weight_files(path: str, model: ModelSection) -> None:
@@ -120,6 +138,7 @@ def load_model(model: ModelSection, num_labels: int | None = None, labels: list[
             mark_dequantized(loaded)
         if model.fused_kernels or (model.fused_kernels is None and fused_kernels_available()):
             swap_in_fused_kernels(loaded, required=bool(model.fused_kernels))
+        install_pooling(loaded, resolve_pooling(model.pooling, path, model.task))
         return loaded
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load {model.name_or_path} for task {model.task}: "

@@ -10,13 +10,14 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..files import METHOD_JSON, TENSORS, write_folder_atomically
 from ..methods.install import prepare_model
-from ..methods.tensors import load_tensors_into
-from .folder import check_output_folder, read_run
-from ..errors import UserError
-from ..models.heads import HEAD_NAMES
 from ..methods.registry import trainable_state
+from ..methods.tensors import load_tensors_into
+from ..models.heads import in_head, trained_head
+from ..models.loading import load_model, refuse_unmergeable_pooling
+from .folder import check_output_folder, read_run
 
 FORMATS = ("peft", "tensors")
 PREFIX = "base_model.model."  # where PeftModel keeps the wrapped base model
@@ -44,6 +45,7 @@ def export(run_dir: str, out: str, fmt: str = "peft", overwrite: bool = False) -
         files = {TENSORS: (Path(run_dir) / TENSORS).read_bytes(),
                  METHOD_JSON: (Path(run_dir) / METHOD_JSON).read_bytes()}
     else:
+        refuse_unmergeable_pooling(recipe.model, "peft export --format peft")
         exporter = PEFT_EXPORTERS.get(record["method"])
         if exporter is None:
             raise UserError(f"method '{record['method']}' has no HF peft equivalent (peft format supports: "
@@ -56,14 +58,12 @@ def export(run_dir: str, out: str, fmt: str = "peft", overwrite: bool = False) -
 
 
 def load_trained(run_dir: str) -> Trained:
-    from ..models.loading import load_model
-
     recipe, record = read_run(run_dir)
     if record.get("tasks"):
         raise UserError(f"{run_dir}: a multi-task run has one head per task, which HF peft's adapter format cannot "
                         f"hold; use --format tensors, or `peft merge-export` for one plain model per task")
     model = load_model(recipe.model, record.get("num_labels"), record.get("labels"))
-    model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers)
+    model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers, head=recipe.model.head)
     initial = {k: v.clone() for k, v in trainable_state(model).items()}
     load_tensors_into(model, Path(run_dir) / TENSORS)
     return Trained(recipe, record, model.eval(), initial, Path(run_dir))
@@ -73,22 +73,13 @@ def peft_common(trained: Trained, peft_type: str, target_modules: list[str]) -> 
     """The config keys every peft method shares, and the task head saved through `modules_to_save`."""
     from ..models.loading import resolve_model_path
 
-    trained_heads = (_head_module(n) for n, p in trained.model.named_parameters() if p.requires_grad)
-    heads = sorted({h for h in trained_heads if h})
-    tensors = {PREFIX + n: p for n, p in trained.model.named_parameters() if heads and _head_module(n) in heads}
+    heads = sorted(trained_head(trained.model))
+    tensors = {PREFIX + n: p for n, p in trained.model.named_parameters() if in_head(n, heads)}
     model = trained.recipe.model
     config = {"peft_type": peft_type, "task_type": PEFT_TASK_TYPES.get(model.task),
               "base_model_name_or_path": resolve_model_path(model.name_or_path), "revision": model.revision,
               "inference_mode": True, "target_modules": sorted(target_modules), "modules_to_save": heads or None}
     return config, tensors
-
-
-def _head_module(param_name: str) -> str | None:
-    parts = param_name.split(".")[:-1]
-    for i, part in enumerate(parts):
-        if part in HEAD_NAMES:
-            return ".".join(parts[:i + 1])
-    return None
 
 
 def peft_lora(trained: Trained) -> tuple[dict, dict]:

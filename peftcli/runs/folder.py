@@ -14,7 +14,8 @@ from ..files import FORMAT_VERSION, RECIPE, TENSORS, atomic_write, is_run_dir, r
 from ..methods.install import prepare_model
 from ..methods.recipes import load_recipe
 from ..methods.tensors import load_tensors_into
-from ..models.loading import load_model, load_tokenizer
+from ..models.heads import trained_head
+from ..models.loading import load_model, load_tokenizer, pooling_of
 from ..training.layerdrop import prune_layers
 
 
@@ -25,7 +26,8 @@ def method_record(recipe: Recipe, model: torch.nn.Module, labels: list[str] | No
             "config": dataclasses.asdict(recipe.method), "task": recipe.model.task,
             "base_model": recipe.model.name_or_path, "labels": labels,
             "num_labels": recipe.model.num_labels if labels is None else len(labels),
-            "trainable_params": trainable, "total_params": total,
+            "trainable_params": trainable, "total_params": total, "head": trained_head(model),
+            **({"pooling": pooling_of(recipe.model)} if recipe.model.task == "sequence-classification" else {}),
             **({"share_across_layers": True} if recipe.share_across_layers else {})}
 
 
@@ -40,7 +42,8 @@ def load_trained(run_dir: str | Path, weights_dir: str | Path | None = None):
     weights_dir = Path(weights_dir or run_dir)
     tasks = tasks_from_record(record) if record.get("tasks") else None
     model = load_model(recipe.model, None if tasks else record.get("num_labels"), None if tasks else record.get("labels"))
-    model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers, tasks)
+    model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers, tasks,
+                          head=recipe.model.head)
     load_tensors_into(model, weights_dir / TENSORS)
     if recipe.layerdrop is not None and recipe.layerdrop.prune_layers:
         model = prune_layers(model, recipe.layerdrop)  # the inference-time form of a LayerDrop-trained run

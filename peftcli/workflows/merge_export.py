@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..files import atomic_write, write_folder_atomically
 from ..methods import get_method
 from ..models.heads import head_name, set_labels
+from ..models.loading import refuse_unmergeable_pooling
 from ..runs.folder import check_output_folder, load_trained, read_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +26,7 @@ def merge_export(run_dir: str, out: str, dtype: str = "float32", overwrite: bool
     if not method.mergeable:
         raise UserError(f"method '{method.name}' cannot be merged into the base weights: {method.merge_hint} "
                         f"(use the run directory itself with `peft eval {run_dir}`)")
+    refuse_unmergeable_pooling(recipe.model, "peft merge-export")
     target = check_output_folder(run_dir, out, overwrite, "merged")
     _, _, model, tokenizer = load_trained(run_dir)
     tasks = tasks_from_record(record) if record.get("tasks") else None

@@ -51,7 +51,7 @@ def plan(recipe: Recipe) -> Plan:
     check_metrics(metrics, recipe.model.task, regression)
     check_training_eval(recipe, metrics, data.labels, data.eval is not None)
     skeleton = build_skeleton(recipe.model, num_labels, data.labels)
-    prepare_model(skeleton, recipe.method_name, recipe.method, recipe.share_across_layers)
+    prepare_model(skeleton, recipe.method_name, recipe.method, recipe.share_across_layers, head=recipe.model.head)
     return Plan(recipe, tokenizer, data, num_labels, metrics)
 
 
@@ -79,7 +79,8 @@ def plan_tasks(recipe: Recipe, tokenizer) -> Plan:
     check_enough_rows(recipe, len(train))
     evals = {t.name: t.eval for t in tasks if t.eval is not None}
     check_tasks_eval(recipe, tasks, bool(evals))
-    prepare_model(build_skeleton(recipe.model), recipe.method_name, recipe.method, recipe.share_across_layers, tasks)
+    prepare_model(build_skeleton(recipe.model), recipe.method_name, recipe.method, recipe.share_across_layers, tasks,
+                  head=recipe.model.head)
     return Plan(recipe, tokenizer, Prepared(train, evals or None, None, {}), None, [MACRO_SCORE], tasks)
 
 

@@ -75,7 +75,8 @@ def train(recipe_path: str, overrides=(), output_dir: str | None = None, resume:
 
     set_seed(recipe.train.get("seed", 42))
     model = load_model(recipe.model, the_plan.num_labels, the_plan.data.labels)
-    model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers, the_plan.tasks)
+    model = prepare_model(model, recipe.method_name, recipe.method, recipe.share_across_layers, the_plan.tasks,
+                          head=recipe.model.head)
     if recipe.data.packing:  # with a KV cache transformers ignores packed position_ids: examples would mix
         model.config.use_cache = False
     if overwrite and out.exists() and not resume and process_rank() == 0:
