@@ -47,7 +47,7 @@ Fine-tuned with peftcli using **{record['method']}** on `{record['base_model']}`
 (task: {record['task']}).
 
 - trainable parameters: {record['trainable_params']:,} of {record['total_params']:,} ({share:.3f}%)
-- training time: {train_seconds:.1f} s
+{head_lines(record)}- training time: {train_seconds:.1f} s
 
 ## Evaluation
 
@@ -73,6 +73,19 @@ peft merge-export {raw_recipe['train']['output_dir']} --out {raw_recipe['train']
 {json.dumps(record, indent=2)}
 ```
 """
+
+
+def head_lines(record: dict) -> str:
+    """What the task head is and which vector it reads: a merged or exported model must read the same one."""
+    lines = ""
+    if record.get("head"):
+        lines += f"- task head trained with the method: {', '.join(f'`{h}`' for h in record['head'])}\n"
+    if record.get("pooling"):
+        pooling = record["pooling"]
+        how = "the architecture's own pooled vector" if pooling == "pooler" else \
+            f"{pooling}-pooled tokens (`peft eval` only: a plain HF model reads its own pooled vector)"
+        lines += f"- the head reads: {how}\n"
+    return lines
 
 
 class Stopwatch:
