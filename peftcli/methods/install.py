@@ -18,13 +18,14 @@ def prepare_model(model: nn.Module, method_name: str, cfg, share_across_layers: 
     if tasks:
         add_task_heads(model, tasks)
     head_names = head_modules(model, head)
+    model.peft_head = head_names  # read by export (modules_to_save) and by methods that leave the head alone
     freeze_all(model)
     base = {id(p) for p in model.parameters()} if share_across_layers else set()
     model = get_method(method_name).inject(model, cfg)
     if share_across_layers:
         tie_across_layers(model, method_name, cfg, base)
     unfreeze_head(model, head_names)
-    model.peft_head = head_names  # read back by export (modules_to_save) and methods that leave the head alone
+    model.peft_head = head_names  # on the model inject returned
     if tasks:
         install_routing(model, task_heads(model))
     return model
