@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import TrainingStopped, UserError
+from .errors import NothingToDo, TrainingStopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.")
@@ -19,8 +19,8 @@ EXIT_UNEXPECTED = 1
 
 
 def cli_errors(func):
-    """UserError -> `error: ...` on stderr, exit 2. Anything else -> one line, exit 1 (PEFT_DEBUG=1 for the
-    traceback)."""
+    """UserError -> `error: ...` on stderr, exit 2; NothingToDo -> its line, exit 0. Anything else -> one line,
+    exit 1 (PEFT_DEBUG=1 for the traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -28,6 +28,9 @@ def cli_errors(func):
             return func(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except NothingToDo as exc:  # the work was already done (a finished run resumed): said, exit 0
+            typer.echo(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except TrainingStopped as exc:  # 3 interrupted + checkpointed, 4 NaN/inf loss, 5 out of memory
             typer.echo(f"stopped: {exc}", err=True)

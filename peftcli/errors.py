@@ -7,6 +7,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class NothingToDo(Exception):
+    """The command's work is already done (a finished run resumed): the message says so, exit code 0, nothing
+    written."""
+
+    exit_code = 0
+
+
 class TrainingStopped(Exception):
     """Training ended before its last step for a reason that is not bad input; each kind has its exit code."""
 

@@ -66,6 +66,11 @@ def write_folder_atomically(target: Path, fill) -> None:
         raise
 
 
+def is_within(path: Path | str, folder: Path | str) -> bool:
+    """`path` is `folder` or lies inside it, symlinks and `..` resolved (`runs/x/../x/a` is inside `runs/x`)."""
+    path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return path == folder or folder in path.parents
+
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / RECIPE).is_file() and (Path(path) / METHOD_JSON).is_file()

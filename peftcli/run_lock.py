@@ -41,8 +41,9 @@ class RunLock:
             os.close(self._fd)
 
 
-def acquire(run_dir: Path | str, command: str) -> RunLock:
-    """Take the lock of `run_dir` at once, or raise UserError naming the holder (pid, host, start, command).
+def acquire(run_dir: Path | str, command: str, option: str = "--output-dir") -> RunLock:
+    """Take the lock of `run_dir` at once, or raise UserError naming the holder (pid, host, start, command) and
+    `option`, the command-line option through which the refused writer can write elsewhere.
 
     The lock file sits beside the folder (`runs/.x.peft-lock`): the folder may not exist yet, --overwrite may delete
     it, and "is it empty" checks must not see the lock. The kernel drops the lock when its process dies (even
@@ -56,7 +57,7 @@ def acquire(run_dir: Path | str, command: str) -> RunLock:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_TRIES):
-            if lock := (_try_flock if fcntl else _try_exclusive)(path, run_dir, command):
+            if lock := (_try_flock if fcntl else _try_exclusive)(path, run_dir, command, option):
                 return lock
     except OSError as e:
         raise UserError(f"{run_dir}: cannot lock the run folder ({path}: {e.strerror or e})") from e
@@ -64,22 +65,22 @@ def acquire(run_dir: Path | str, command: str) -> RunLock:
 
 
 @contextlib.contextmanager
-def hold_run_lock(run_dir: Path | str, command: str):
+def hold_run_lock(run_dir: Path | str, command: str, option: str = "--output-dir"):
     """`with hold_run_lock(out, "peft train x.yaml"):` holds the lock for the block (see `acquire`)."""
-    lock = acquire(run_dir, command)
+    lock = acquire(run_dir, command, option)
     try:
         yield lock
     finally:
         lock.release()
 
 
-def _try_flock(path: Path, run_dir, command: str) -> RunLock | None:
+def _try_flock(path: Path, run_dir, command: str, option: str) -> RunLock | None:
     fd, lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(_held_message(run_dir, path, lambda: os.pread(fd, 65536, 0))) from None
+            raise UserError(_held_message(run_dir, path, lambda: os.pread(fd, 65536, 0), option)) from None
         # A releasing holder unlinks, then unlocks: if we locked that file, a newcomer can lock a new file at the
         # same path and both would hold. Only a lock on the file the path names now counts; else retry.
         with contextlib.suppress(FileNotFoundError):
@@ -92,7 +93,7 @@ def _try_flock(path: Path, run_dir, command: str) -> RunLock | None:
     return lock
 
 
-def _try_exclusive(path: Path, run_dir, command: str) -> RunLock | None:
+def _try_exclusive(path: Path, run_dir, command: str, option: str) -> RunLock | None:
     # Best effort (two writers clearing one stale file at once can race); Linux has flock above.
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -101,7 +102,7 @@ def _try_exclusive(path: Path, run_dir, command: str) -> RunLock | None:
         if info and info["host"] == socket.gethostname() and not _alive(info["pid"]):
             path.unlink(missing_ok=True)  # its writer died without releasing
         elif path.exists():
-            raise UserError(_held_message(run_dir, path, path.read_bytes)) from None
+            raise UserError(_held_message(run_dir, path, path.read_bytes, option)) from None
         return None
     try:
         _write_holder(fd, command)
@@ -126,13 +127,13 @@ def _parse(read) -> dict | None:
     return None
 
 
-def _held_message(run_dir, path: Path, read) -> str:
+def _held_message(run_dir, path: Path, read, option: str) -> str:
     if (info := _parse(read)) is None:
         who = f"held by another writer (holder details in {path} unreadable)"
     else:  # one line even if a recorded field holds newlines
         pid, host, started, command = (" ".join(str(info[k]).split()) for k in _KEYS)
         who = f"held by PID {pid} on {host} since {started} ({command})"
-    return f"{run_dir}: {who}; wait for it to finish or use another --output-dir"
+    return f"{run_dir}: {who}; wait for it to finish or use another {option}"
 
 
 def _alive(pid) -> bool:

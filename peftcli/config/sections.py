@@ -153,6 +153,8 @@ class EvalSection:
                                                 "without improving train.metric_for_best_model")
     early_stopping_threshold: float = field(0.0, check=non_negative, doc="smallest change that counts as improving")
     max_new_tokens: int = field(64, check=positive, doc="causal-lm generation metrics: tokens generated per prompt")
+    trust_metric_code: bool = field(False, doc="allow `evaluate:<folder or .py>` metrics: they run that Python "
+                                               "script, which can do anything your account can")
 
 
 def _check_prune(value) -> str | None:

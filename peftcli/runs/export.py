@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..run_lock import hold_run_lock
 from ..files import METHOD_JSON, TENSORS, write_folder_atomically
 from ..methods.install import prepare_model
 from ..methods.registry import trainable_state
@@ -37,6 +38,11 @@ class Trained:
 
 
 def export(run_dir: str, out: str, fmt: str = "peft", overwrite: bool = False) -> Path:
+    with hold_run_lock(Path(out).expanduser(), f"peft export {run_dir} --out {out}", "--out"):  # check to write
+        return _export(run_dir, out, fmt, overwrite)
+
+
+def _export(run_dir: str, out: str, fmt: str, overwrite: bool) -> Path:
     recipe, record = read_run(run_dir)
     target = check_output_folder(run_dir, out, overwrite, "export")
     if fmt == "tensors":

@@ -10,13 +10,14 @@ from torch import nn
 from ..config.recipe import Recipe, dump_recipe
 from ..data.multitask import tasks_from_record
 from ..errors import UserError
-from ..files import FORMAT_VERSION, RECIPE, TENSORS, atomic_write, is_run_dir, read_record
+from ..files import FORMAT_VERSION, RECIPE, TENSORS, atomic_write, is_run_dir, is_within, read_record
 from ..methods.install import prepare_model
 from ..methods.recipes import load_recipe
 from ..methods.tensors import load_tensors_into
 from ..models.heads import trained_head
 from ..models.loading import load_model, load_tokenizer, pooling_of
 from ..training.layerdrop import prune_layers
+from .outputs import input_paths, is_export_output, run_entry_of
 
 
 def method_record(recipe: Recipe, model: torch.nn.Module, labels: list[str] | None) -> dict:
@@ -57,15 +58,46 @@ def write_recipe(recipe: Recipe, output_dir: Path) -> None:
 
 
 def check_output_folder(run_dir: str | Path, out: str, overwrite: bool, example: str) -> Path:
-    """An output folder for merge-export/export: never the run itself, never a file, never silently replaced."""
+    """An output folder for merge-export/export: never the run itself, one of its entries or a folder holding it,
+    never a file, apart from the run's inputs, and replaced (--overwrite) only when an earlier export made it."""
     target = Path(out).expanduser()
     if target.resolve() == Path(run_dir).resolve():
         raise UserError(f"--out {out} is the run directory itself; choose a new folder, e.g. {run_dir}/{example}")
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
+    _check_apart(run_dir, out, target, example)
+    if target.exists() and any(target.iterdir()):
+        _check_replaceable(run_dir, out, target, overwrite)
     return target
+
+
+def _check_apart(run_dir: str | Path, out: str, target: Path, example: str) -> None:
+    """Writing (and with --overwrite, deleting) `target` must not touch the run or what it was trained from."""
+    if is_within(run_dir, target):
+        raise UserError(f"--out {out} holds the run directory {run_dir}; choose a folder outside it")
+    entry = run_entry_of(run_dir, target)
+    if entry:
+        raise UserError(f"--out {out} lies inside the run's own {entry}; choose a new folder, e.g. {run_dir}/{example}")
+    recipe, _ = read_run(run_dir)
+    for source in input_paths(recipe):
+        if is_within(target, source) or is_within(source, target):
+            raise UserError(f"--out {out} overlaps {source}, an input of the run (its base model or data); choose a "
+                            f"folder apart from them")
+
+
+def _check_replaceable(run_dir: str | Path, out: str, target: Path, overwrite: bool) -> None:
+    previous = is_export_output(target)
+    if not overwrite:
+        fix = "pass --overwrite to replace it or choose another folder" if previous else \
+            "choose a new or empty folder (--overwrite replaces only an earlier export or merge-export)"
+        raise UserError(f"--out {out} exists and is not empty; {fix}")
+    if is_within(target, run_dir):  # a checkpoint there holds the same kinds of files as an export
+        raise UserError(f"--out {out} is inside the run directory, where --overwrite deletes nothing; remove it "
+                        f"yourself or choose a folder outside the run")
+    if not previous:
+        names = ", ".join(sorted(p.name for p in target.iterdir())[:3])
+        raise UserError(f"--out {out} holds files that no export or merge-export writes ({names}); --overwrite "
+                        f"replaces only such a folder: choose another folder")
 
 
 def load_teacher(cfg, recipe, labels: list[str] | None) -> nn.Module:

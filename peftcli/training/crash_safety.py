@@ -1,6 +1,7 @@
 """The Trainer's checkpoint save/load replaced by committed, pickle-free checkpoints; NaN and signal stops."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -201,6 +202,29 @@ def train_with_stops(trainer, resume_from: Path | None, resume_command: str, max
         latest = checkpoint.find_latest(Path(trainer.args.output_dir))
         raise TrainingInterrupted(f"{signal.Signals(stop.received).name} at step {stop.stopped_at}: checkpoint "
                                   f"committed at {latest}; continue with: {resume_command}")
+
+
+def reached_the_end(checkpoint_dir: Path) -> bool:
+    """The checkpoint was saved at the run's last step (max_steps, or the last step of the last epoch)."""
+    state = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text(encoding="utf-8"))
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def finish_from_checkpoint(trainer, checkpoint_dir: Path) -> None:
+    """The trainer as trainer.train() leaves it after the last step, rebuilt from a checkpoint saved there: its
+    tensors (the best checkpoint's under load_best_model_at_end) and state (log history, best metric). Resuming
+    instead would run one more step: the Trainer resumes a finished schedule into an extra step."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint_dir))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint_dir) / TRAINER_STATE))
+    # As train() sets them: the saved state says which process saved it, not which one this is.
+    trainer.state.is_local_process_zero = trainer.is_local_process_zero()
+    trainer.state.is_world_process_zero = trainer.is_world_process_zero()
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        trainer._load_best_model()
+    logger.info("%s was saved at the last step (%d): finishing the run without training", Path(checkpoint_dir).name,
+                trainer.state.global_step)
 
 
 def deepspeed_mismatch_message(text: str) -> str:

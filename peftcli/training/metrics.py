@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import UserError
 from .spans import ENTITY_METRICS, entity_scores
-from .text_metrics import EVALUATE_PREFIX, GENERATION, evaluate_metric, find_evaluate_metric
+from .text_metrics import EVALUATE_PREFIX, GENERATION, check_metric_code, evaluate_metric
 
 DEFAULT_METRICS = {
     "sequence-classification": ["accuracy", "f1"],
@@ -26,13 +26,14 @@ KNOWN = CLASSIFICATION | REGRESSION | LM | ENTITY | GENERATION_METRICS
 NOT_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time"}
 
 
-def check_metrics(names: list[str], task: str, regression: bool) -> None:
+def check_metrics(names: list[str], task: str, regression: bool, trust_code: bool = False) -> None:
+    """`trust_code`: the recipe's eval.trust_metric_code, without which `evaluate:` metrics are refused."""
     allowed = LM | GENERATION_METRICS if task == "causal-lm" else (REGRESSION if regression else CLASSIFICATION)
     if task == "token-classification":
         allowed = allowed | ENTITY
     for name in names:
         if name.startswith(EVALUATE_PREFIX):
-            find_evaluate_metric(name)  # on local disk or a clear error: never a download
+            check_metric_code(name, trust_code)  # on local disk and trusted, or a clear error: never a download
             continue
         if name not in allowed:
             raise UserError(f"eval.metrics: '{name}' does not apply to {task}{' (regression)' if regression else ''}; "

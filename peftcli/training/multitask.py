@@ -25,7 +25,7 @@ def choose_metrics(recipe, task: TaskInfo) -> list[str]:
     metrics = section.metrics or recipe.eval.metrics or DEFAULT_METRICS[
         "regression" if task.num_labels == 1 else "sequence-classification"]
     try:
-        check_metrics(metrics, "sequence-classification", task.num_labels == 1)
+        check_metrics(metrics, "sequence-classification", task.num_labels == 1, recipe.eval.trust_metric_code)
     except UserError as exc:  # name the key that set them: the task's own metrics, or eval.metrics for all tasks
         key = f"data.tasks.{name}.metrics" if section.metrics else f"eval.metrics (for task {name}; set " \
                                                                    f"data.tasks.{name}.metrics)"

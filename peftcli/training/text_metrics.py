@@ -61,6 +61,24 @@ def find_evaluate_metric(spec: str) -> Path:
                     f"folder (evaluate:path/to/{path.name}) or use a built-in metric")
 
 
+def check_metric_code(spec: str, trusted: bool) -> Path:
+    """The script an `evaluate:` metric runs, found on disk, and refused unless the recipe trusts metric code:
+    a metric script is arbitrary Python, so naming one in eval.metrics alone must not run it."""
+    script = find_evaluate_metric(spec)
+    if not trusted:
+        raise UserError(f"eval.metrics: '{spec}' runs the Python script {script}, which can do anything your "
+                        f"account can; set eval.trust_metric_code: true in the recipe if you trust it, or use a "
+                        f"built-in metric")
+    return script
+
+
+def check_metrics_code(names, trusted: bool) -> None:
+    """check_metric_code for every `evaluate:` metric among `names`."""
+    for name in names:
+        if name.startswith(EVALUATE_PREFIX):
+            check_metric_code(name, trusted)
+
+
 def evaluate_metric(spec: str, predictions: list, references: list) -> dict[str, float]:
     """Run a local `evaluate` metric; its result keys are prefixed with the metric's name when they differ."""
     script = find_evaluate_metric(spec)

@@ -17,17 +17,20 @@ from ..data.multitask import eval_rows as task_eval_rows, task_features, tasks_f
 from ..data.prepare import prepare
 from ..data.readers import load_splits
 from ..errors import UserError
-from ..files import RECIPE, TENSORS, atomic_write, is_run_dir
+from ..files import RECIPE, TENSORS, atomic_write, is_run_dir, is_within
 from ..methods.recipes import load_recipe
 from ..models.generation import GenerationSettings, generate, prompt_reference_pairs
 from ..models.heads import add_task_heads, install_routing, task_heads
 from ..models.loading import load_model
-from ..runs.eval_report import labels_report, write_predictions, write_report
+from ..run_lock import hold_run_lock
+from ..runs.eval_report import CONFUSION, PER_CLASS, labels_report, write_predictions, write_report
 from ..runs.folder import load_trained, read_run
+from ..runs.outputs import input_paths, run_entry_of
 from ..training import checkpoints
 from ..training.metrics import DEFAULT_METRICS, NOT_METRICS, lm_metrics, make_compute_metrics, tag_sequences
 from ..training.multitask import combine, logits_of, predict_tasks
-from ..training.text_metrics import EVALUATE_PREFIX, GENERATION, evaluate_metric, generation_metrics
+from ..training.text_metrics import (EVALUATE_PREFIX, GENERATION, check_metrics_code, evaluate_metric,
+                                     generation_metrics)
 from .plan import plan
 
 
@@ -84,8 +87,7 @@ def load_target(target: str, base: bool = False, which: str | None = None) -> Lo
         raise UserError("--checkpoint and --base exclude each other: --base scores the untrained base model")
     from transformers import set_seed
 
-    path = Path(target)
-    recipe = load_recipe(path / RECIPE if path.is_dir() and is_run_dir(path) else path)
+    recipe = target_recipe(target, base)
     the_plan = plan(recipe)  # label order inferred from the train data, exactly as training would
     set_seed(recipe.train.get("seed", 42))  # an untrained head is random: seeded, so the score repeats
     if the_plan.tasks:  # fresh (seeded) task heads and no method
@@ -120,7 +122,72 @@ def generation_names(names: list[str], forced: bool) -> list[str]:
     return chosen or (list(GENERATION) if forced else [])
 
 
+def target_recipe(target: str, base: bool = False) -> Recipe:
+    """The recipe of a run (its recipe.yaml); with --base, of a recipe file or of a run."""
+    if not base:
+        return read_run(target)[0]  # a clear error before anything else when target is not a run
+    path = Path(target)
+    return load_recipe(path / RECIPE if path.is_dir() and is_run_dir(path) else path)
+
+
+# Where in a run folder peft eval may write: names `peft train` never uses.
+OUTSIDE_RUN_FILES = {"--predictions": "predictions.jsonl", "--report": "eval"}
+
+
+def check_eval_outputs(target: str, options: EvalOptions, recipe: Recipe) -> str | None:
+    """Refuse --predictions / --report paths that would write over one of the run's own files, into its
+    checkpoints, or over or into its inputs (base model, data, the recipe). Returns the option whose path lies in
+    the run folder, else None: such writes hold the run's lock."""
+    path = Path(target)
+    run = path if path.is_dir() and is_run_dir(path) else None
+    inputs = input_paths(recipe, options.data) + ([path.resolve()] if path.is_file() else [])
+    inside = None
+    for option, out, written in _eval_outputs(options):
+        for file in (out, *written):
+            entry = run_entry_of(run, file) if run else None
+            if entry:
+                raise UserError(f"{option} {out}: would write over the run's own {entry}; write it elsewhere, e.g. "
+                                f"{run / OUTSIDE_RUN_FILES[option]}")
+            source = next((s for s in inputs if is_within(file, s)), None)
+            if source is not None:
+                raise UserError(f"{option} {out}: would write over or into {source}, an input of the run (its base "
+                                f"model or data); write it elsewhere")
+        if run is not None and is_within(out, run):
+            inside = option
+    return inside
+
+
+def _eval_outputs(options: EvalOptions) -> list[tuple[str, Path, list[Path]]]:
+    """(option, its path, the files it writes) for each output asked for."""
+    found = []
+    if options.predictions:
+        found.append(("--predictions", Path(options.predictions).expanduser(), []))
+    if options.report:
+        folder = Path(options.report).expanduser()
+        found.append(("--report", folder, [folder / name for name in ("metrics.json", PER_CLASS, CONFUSION)]))
+    return found
+
+
+def metric_code_names(recipe: Recipe) -> list[str]:
+    """Every metric the recipe names, its tasks' included (only `evaluate:` ones matter to check_metrics_code)."""
+    tasks = (recipe.data.tasks or {}).values()
+    return [*(recipe.eval.metrics or []), *[name for task in tasks for name in (task.metrics or [])]]
+
+
 def evaluate(target: str, options: EvalOptions) -> dict:
+    """Score `target`. Its outputs and metric code are checked before any weight loads; outputs in the run folder
+    are written under the run's lock, so no `peft train` of that run changes it meanwhile."""
+    recipe = target_recipe(target, options.base)
+    check_metrics_code(metric_code_names(recipe), recipe.eval.trust_metric_code)
+    option = check_eval_outputs(target, options, recipe)
+    if option is None:
+        return _evaluate(target, options)
+    command = " ".join(["peft eval", target, *[f"{o} {p}" for o, p, _ in _eval_outputs(options)]])
+    with hold_run_lock(target, command, option):
+        return _evaluate(target, options)
+
+
+def _evaluate(target: str, options: EvalOptions) -> dict:
     loaded = load_target(target, options.base, options.checkpoint)
     recipe = loaded.recipe
     if loaded.tasks:

@@ -19,6 +19,7 @@ from ..data.readers import load_rows, load_splits
 from ..errors import UserError
 from ..methods.glora import GloraLinear, component_shape, glora_modules, path_rank, set_paths
 from ..training.metrics import DEFAULT_METRICS
+from ..training.text_metrics import check_metrics_code
 from ..config.recipe import dump_recipe
 from ..data.prepare import Prepared, prepare
 
@@ -171,6 +172,7 @@ def _scorer(recipe, record, model, tokenizer, rows: list[dict], scratch: Path):
     prepared = prepare(recipe.model.task, tokenizer, section, recipe.model, rows, None, labels=record.get("labels"))
     num_labels = record.get("num_labels")
     metrics = recipe.eval.metrics or DEFAULT_METRICS["regression" if num_labels == 1 else recipe.model.task]
+    check_metrics_code(metrics, recipe.eval.trust_metric_code)  # scoring runs them
     the_plan = Plan(recipe, tokenizer, Prepared(prepared.train[:1], prepared.train, prepared.labels, {}),
                     num_labels, metrics)
     return build_trainer(the_plan, model, scratch, record), the_plan

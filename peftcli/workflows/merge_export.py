@@ -14,13 +14,20 @@ from ..methods import get_method
 from ..models.heads import head_name, set_labels
 from ..models.loading import refuse_unmergeable_pooling
 from ..runs.folder import check_output_folder, load_trained, read_run
+from ..run_lock import hold_run_lock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge_export(run_dir: str, out: str, dtype: str = "float32", overwrite: bool = False) -> Path:
     """A multi-task run writes OUT/<task>/ per task (the backbone with the method folded in plus that task's head
-    as the model's own head, config labels set) and OUT/tasks.json listing them."""
+    as the model's own head, config labels set) and OUT/tasks.json listing them. OUT is locked from its check to
+    its last write, so two exports into one folder never interleave."""
+    with hold_run_lock(Path(out).expanduser(), f"peft merge-export {run_dir} --out {out}", "--out"):
+        return _merge_export(run_dir, out, dtype, overwrite)
+
+
+def _merge_export(run_dir: str, out: str, dtype: str, overwrite: bool) -> Path:
     recipe, record = read_run(run_dir)
     method = get_method(record["method"])
     if not method.mergeable:

@@ -48,7 +48,7 @@ def plan(recipe: Recipe) -> Plan:
     regression = num_labels == 1
     default_key = "regression" if regression else recipe.model.task
     metrics = recipe.eval.metrics or DEFAULT_METRICS[default_key]
-    check_metrics(metrics, recipe.model.task, regression)
+    check_metrics(metrics, recipe.model.task, regression, recipe.eval.trust_metric_code)
     check_training_eval(recipe, metrics, data.labels, data.eval is not None)
     skeleton = build_skeleton(recipe.model, num_labels, data.labels)
     prepare_model(skeleton, recipe.method_name, recipe.method, recipe.share_across_layers, head=recipe.model.head)
