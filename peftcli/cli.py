@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -225,9 +226,8 @@ def glora_search(
 @cli_errors
 def methods(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False):
     """List the registered methods, their tasks and whether they merge."""
-    from .methods.catalog import methods_table
-
-    rows = methods_table()
+    # The catalogue as written from the registry (see methods/catalog.py): no torch import to list names.
+    rows = json.loads((Path(__file__).parent / "methods" / "catalog.json").read_text(encoding="utf-8"))
     if as_json:
         typer.echo(json.dumps(rows))
         return
