@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 from ..config.recipe import Recipe
 from ..data.multitask import read_task
@@ -39,8 +40,13 @@ def plan(recipe: Recipe) -> Plan:
     tokenizer = load_tokenizer(recipe.model)
     if recipe.data.tasks:
         return plan_tasks(recipe, tokenizer)
+    started = time.perf_counter()
     train_rows, eval_rows = load_splits(recipe.data, recipe.train.get("seed", 42))
+    say(f"data: read {len(train_rows):,} train rows" + (f" and {len(eval_rows):,} eval rows" if eval_rows else "")
+        + f" in {time.perf_counter() - started:.1f} s; tokenising...")
+    started = time.perf_counter()
     data = prepare(recipe.model.task, tokenizer, recipe.data, recipe.model, train_rows, eval_rows)
+    say(f"data: tokenised in {time.perf_counter() - started:.1f} s")
     for reason, count in data.dropped.items():
         logger.warning("dropped %d rows: %s", count, reason)
     check_enough_rows(recipe, len(data.train))
@@ -53,6 +59,12 @@ def plan(recipe: Recipe) -> Plan:
     skeleton = build_skeleton(recipe.model, num_labels, data.labels)
     prepare_model(skeleton, recipe.method_name, recipe.method, recipe.share_across_layers, head=recipe.model.head)
     return Plan(recipe, tokenizer, data, num_labels, metrics)
+
+
+def say(message: str) -> None:
+    """A progress line while data is read (large files take minutes), from one process of a multi-GPU job."""
+    if process_rank() == 0:
+        logger.info(message)
 
 
 def process_rank() -> int:
